@@ -1,0 +1,189 @@
+"""The Redis backend: the only module that imports `redis`.
+
+Every Redis failure (refused, reset, timed out, protocol, wrong type) leaves this
+module as `CacheError`; nothing here decides to degrade, `core.JobCache` does.
+Each public method is one network round trip; pending statistics deltas ride along.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.retry import Retry
+
+from shared.cache import scripts
+from shared.cache.errors import CacheError, CorruptEntry
+from shared.cache.keys import KeySpace
+
+_SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in scripts.ALL.items()}  # noqa: S324
+
+
+def connect(url: str, *, socket_timeout: float) -> redis.Redis:
+    """A client with short timeouts and no hidden retries (the breaker decides)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        max_connections=64,
+    )
+
+
+class RedisBackend:
+    """Cache operations on one Redis (a client is handed in: tests pass fakeredis)."""
+
+    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+        self.client = client
+        self.keys = keys
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _run(
+        self, calls: Sequence[tuple[str, tuple[Any, ...]]], deltas: Mapping[str, int]
+    ) -> list[Any]:
+        """Run commands (and `("script", name, ...)` calls) in one pipelined round trip.
+
+        A Redis restart forgets scripts: on NOSCRIPT they are loaded and the calls re-run
+        once (each call here is idempotent apart from statistics, which ride only once).
+        """
+        try:
+            results = self._pipeline(calls, deltas)
+            if any(isinstance(r, NoScriptError) for r in results):
+                for name, source in scripts.ALL.items():
+                    if _SHAS[name] != self.client.script_load(source):
+                        raise CacheError("Redis computed a different script digest")
+                results = self._pipeline(calls, {})
+        except ResponseError as exc:
+            raise self._translate_response(exc, calls) from exc
+        except (RedisError, OSError) as exc:
+            raise CacheError(f"{type(exc).__name__}: {exc}") from exc
+        for result in results:
+            if isinstance(result, ResponseError):
+                raise self._translate_response(result, calls) from result
+            if isinstance(result, Exception):
+                raise CacheError(f"{type(result).__name__}: {result}") from result
+        return results
+
+    def _pipeline(
+        self, calls: Sequence[tuple[str, tuple[Any, ...]]], deltas: Mapping[str, int]
+    ) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        stats_key = self.keys.stats()
+        for field, amount in deltas.items():
+            pipe.hincrby(stats_key, field, amount)
+        for command, args in calls:
+            if command == "script":
+                name, keys, argv = args
+                pipe.evalsha(_SHAS[name], len(keys), *keys, *argv)
+            else:
+                pipe.execute_command(command, *args)  # type: ignore[no-untyped-call]
+        results = pipe.execute(raise_on_error=False)
+        return list(results[len(deltas) :])
+
+    @staticmethod
+    def _translate_response(
+        exc: ResponseError, calls: Sequence[tuple[str, tuple[Any, ...]]]
+    ) -> CacheError:
+        if "WRONGTYPE" in str(exc):
+            first = calls[0]
+            key = first[1][1][0] if first[0] == "script" else first[1][0]
+            return CorruptEntry(str(key))
+        return CacheError(f"ResponseError: {exc}")
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def read_job(
+        self, job_id: int, token: str, lease_ms: int, deltas: Mapping[str, int]
+    ) -> tuple[int, bytes | None]:
+        """(0, value) hit · (1, None) miss with the lease · (2, None) miss, another fills."""
+        k = self.keys
+        keys = (k.job(job_id), k.lease(job_id), k.stats())
+        (reply,) = self._run([("script", ("read_job", keys, (token, lease_ms)))], deltas)
+        code = int(reply[0])
+        return code, (reply[1] if code == 0 else None)
+
+    def fill_job(
+        self,
+        job_id: int,
+        token: str,
+        version: int,
+        value: bytes,
+        ttl: int,
+        deltas: Mapping[str, int],
+    ) -> bool:
+        """Fill under our lease with a versioned compare-and-set; False when refused."""
+        keys = (self.keys.job(job_id), self.keys.lease(job_id))
+        (stored,) = self._run(
+            [("script", ("set_if_newer", keys, (version, value, ttl, token)))], deltas
+        )
+        return bool(stored)
+
+    def release_lease(self, job_id: int, token: str, deltas: Mapping[str, int]) -> None:
+        self._run([("script", ("release_lease", (self.keys.lease(job_id),), (token,)))], deltas)
+
+    def publish_job(
+        self,
+        job_id: int,
+        client_id: str,
+        version: int,
+        value: bytes,
+        ttl: int,
+        deltas: Mapping[str, int],
+    ) -> bool:
+        """Pre-warm (versioned), drop the owner's lists, publish: one round trip."""
+        k = self.keys
+        keys = (k.job(job_id), k.lease(job_id))
+        stored, _, _ = self._run(
+            [
+                ("script", ("set_if_newer", keys, (version, value, ttl, ""))),
+                ("DEL", (k.jobs(client_id),)),
+                ("PUBLISH", (k.channel(job_id), value)),
+            ],
+            deltas,
+        )
+        return bool(stored)
+
+    def delete(self, keys: Sequence[str], deltas: Mapping[str, int]) -> int:
+        if not keys:
+            self._run([], deltas)
+            return 0
+        (count,) = self._run([("DEL", tuple(keys))], deltas)
+        return int(count)
+
+    # -- lists --------------------------------------------------------------------------
+
+    def read_list(
+        self, client_id: str, page: str, epoch: str, ttl: int, deltas: Mapping[str, int]
+    ) -> tuple[str, bytes | None]:
+        keys = (self.keys.jobs(client_id), self.keys.stats())
+        (reply,) = self._run([("script", ("read_list", keys, (page, epoch, ttl)))], deltas)
+        current = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        return current, (reply[1] if len(reply) > 1 else None)
+
+    def fill_list(
+        self, client_id: str, epoch: str, page: str, value: bytes, deltas: Mapping[str, int]
+    ) -> bool:
+        keys = (self.keys.jobs(client_id),)
+        (stored,) = self._run([("script", ("fill_list", keys, (epoch, page, value)))], deltas)
+        return bool(stored)
+
+    # -- statistics and health ------------------------------------------------------------
+
+    def counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
+        (raw,) = self._run([("HGETALL", (self.keys.stats(),))], deltas)
+        return {key.decode(): int(value) for key, value in raw.items()}
+
+    def reset_counters(self) -> None:
+        self._run([("DEL", (self.keys.stats(),))], {})
+
+    def ping(self) -> None:
+        self._run([("PING", ())], {})
+
+    def close(self) -> None:
+        self.client.close()

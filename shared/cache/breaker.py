@@ -1,0 +1,104 @@
+"""In-process circuit breaker for Redis: no network round trip to know the state.
+
+closed ──failures>=threshold──▶ open ──reset_seconds──▶ half-open (one probe)
+  ▲                                                        │ probe ok
+  └────────────────────────────────────────────────────────┘ probe failed → open
+
+While open, callers go straight to the database. The transition to open is logged
+once per outage at WARNING; recovery at INFO.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Permit(enum.Enum):
+    NORMAL = "normal"
+    PROBE = "probe"
+
+
+class CircuitBreaker:
+    """Counts consecutive failures; opens at `threshold`, probes after `reset_seconds`."""
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 1,
+        reset_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "redis",
+    ) -> None:
+        self._threshold = threshold
+        self._reset = reset_seconds
+        self._clock = clock
+        self._name = name
+        self._lock = threading.Lock()
+        self._state = State.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self.outages = 0
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def available(self) -> bool:
+        """False while open: callers should not wait on Redis."""
+        return self._state is not State.OPEN
+
+    def acquire(self) -> Permit | None:
+        """A permit to call Redis, a PROBE permit when half-open, or None (go to the DB)."""
+        state = self._state
+        if state is State.CLOSED:
+            return Permit.NORMAL
+        with self._lock:
+            if self._state is State.OPEN and self._clock() - self._opened_at >= self._reset:
+                self._state = State.HALF_OPEN
+                return Permit.PROBE
+            if self._state is State.CLOSED:
+                return Permit.NORMAL
+        return None
+
+    def success(self) -> None:
+        if self._state is State.CLOSED and self._failures == 0:
+            return
+        with self._lock:
+            recovered = self._state is not State.CLOSED
+            self._state = State.CLOSED
+            self._failures = 0
+        if recovered:
+            logger.info("%s is back: caching resumed", self._name)
+
+    def failure(self, exc: BaseException) -> None:
+        with self._lock:
+            self._failures += 1
+            was = self._state
+            if was is State.HALF_OPEN or self._failures >= self._threshold:
+                self._state = State.OPEN
+                self._opened_at = self._clock()
+            newly_open = was is State.CLOSED and self._state is State.OPEN
+            if newly_open:
+                self.outages += 1
+        if newly_open:
+            logger.warning(
+                "%s unavailable (%s: %s): serving from the database, retrying every %.1fs",
+                self._name,
+                type(exc).__name__,
+                exc,
+                self._reset,
+                exc_info=exc,
+            )

@@ -1,0 +1,36 @@
+"""Redis key names. Keys touched together share a Cluster hash tag: `{job_id}` or `{client_id}`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Key patterns of DESIGN.md under an optional deployment-wide namespace."""
+
+    namespace: str = ""  # empty or ending in ":"
+    job_prefix: str = "job"
+
+    def job(self, job_id: int) -> str:
+        """`job:{id}:progress`: the cached job object (JSON)."""
+        return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:progress"
+
+    def lease(self, job_id: int) -> str:
+        """The fill lease of a job entry (same hash tag as the entry)."""
+        return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:lease"
+
+    def channel(self, job_id: int) -> str:
+        """Pub/sub channel carrying every new version of a job."""
+        return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:events"
+
+    def jobs(self, client_id: str) -> str:
+        """`jobs:{client_id}`: one hash holding every cached page of a client's job list."""
+        return f"{self.namespace}jobs:{{{client_id}}}"
+
+    def storyboard(self, job_id: int) -> str:
+        return f"{self.namespace}storyboard:{{{job_id}}}"
+
+    def stats(self) -> str:
+        """The global statistics hash, shared by every process of the deployment."""
+        return f"{self.namespace}cache:stats"

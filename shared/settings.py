@@ -1,0 +1,103 @@
+"""Typed settings, read once from the environment and `.env` (pydantic-settings).
+
+Build one `Settings` at start-up and pass it down; nothing else reads `os.environ`.
+URLs may carry passwords: log them only through `redact_url`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SQLITE_PATH = REPO_ROOT / "var" / "renderwatch.db"
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any password replaced by `***` (safe for logs and errors)."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with the defaults of DESIGN.md."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    database_url: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    celery_broker_url: str = ""
+
+    cache_ttl_seconds: int = Field(default=30, ge=1, le=86_400)
+    cache_finished_ttl_seconds: int = Field(default=3_600, ge=1, le=604_800)
+    job_cache_key_prefix: str = Field(default="job", min_length=1, max_length=32)
+    cache_namespace: str = Field(default="", max_length=64)
+    cache_lease_ms: int = Field(default=500, ge=10, le=10_000)
+    redis_socket_timeout: float = Field(default=0.25, gt=0, le=10)
+    breaker_failure_threshold: int = Field(default=1, ge=1, le=100)
+    breaker_reset_seconds: float = Field(default=1.0, gt=0, le=300)
+
+    api_key_cache_seconds: float = Field(default=10.0, ge=0, le=3_600)
+    stats_snapshot_seconds: int = Field(default=60, ge=1, le=86_400)
+    stats_retention: int = Field(default=10_000, ge=1)
+    scene_seconds: float = Field(default=2.0, ge=0, le=3_600)
+    renderer: str = "simulated"
+    task_visibility_timeout: int = Field(default=3_600, ge=5)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65_535)
+    api_workers: int = Field(default=1, ge=1, le=64)
+    flower_port: int = Field(default=5555, ge=1, le=65_535)
+    log_level: str = "INFO"
+
+    @field_validator("redis_url", "celery_broker_url", "database_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @field_validator("cache_namespace")
+    @classmethod
+    def _namespace_shape(cls, value: str) -> str:
+        if value and not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError("CACHE_NAMESPACE may hold letters, digits, '-', '_' and '.'")
+        return value
+
+    @property
+    def caching_enabled(self) -> bool:
+        """Caching is on when a Redis URL is configured."""
+        return bool(self.redis_url)
+
+    @property
+    def broker_url(self) -> str:
+        """The Celery broker: explicit, else the Redis URL, else the SQL database."""
+        if self.celery_broker_url:
+            return self.celery_broker_url
+        if self.redis_url:
+            return self.redis_url
+        return "sqla+" + self.database_url
+
+    @property
+    def key_namespace(self) -> str:
+        """Prefix for every Redis key of this deployment (empty or ending in ':')."""
+        return f"{self.cache_namespace}:" if self.cache_namespace else ""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()
