@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
     celery_broker_url: str = ""
+    celery_queue: str = Field(default="renderwatch", min_length=1, max_length=64)
 
     cache_ttl_seconds: int = Field(default=30, ge=1, le=86_400)
     cache_finished_ttl_seconds: int = Field(default=3_600, ge=1, le=604_800)
