@@ -169,6 +169,20 @@ class JobCache:
         self.breaker.success()
         return result
 
+    def recover(self) -> bool:
+        """Run the half-open probe for a caller that already holds the PROBE permit."""
+        backend = self.backend
+        if backend is None:
+            return False
+        try:
+            backend.ping()
+            self._repair(backend)
+        except Exception as exc:  # noqa: BLE001 -- a failed probe of any kind keeps the breaker open
+            self.breaker.failure(exc)
+            return False
+        self.breaker.success()
+        return True
+
     def _repair(self, backend: Backend) -> None:
         """Drop entries of jobs written in the last TTL: their pre-warm may have been lost."""
         if self._recent_jobs is None:
