@@ -1,0 +1,160 @@
+"""The cached poll on asyncio: one EVALSHA per hit, no thread hop.
+
+Measured on this machine (FastAPI, 1 worker, wrk -c32): a redis.asyncio GET in an
+`async def` handler serves ~1.9x the requests of a sync redis-py GET in a `def`
+handler (the threadpool hop and GIL hand-offs cost more than the request itself).
+So the hot read runs here, on the event loop, with the same Lua script, breaker,
+statistics and policy as the synchronous `JobCache`, which it wraps. Everything
+rare (the DB read on a miss, the fill, the breaker's repair probe) is delegated to
+the synchronous cache in a worker thread: those paths are already correct there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from anyio import to_thread
+from redis.asyncio import Redis as AsyncRedis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.retry import Retry
+
+from shared.cache import scripts
+from shared.cache.backend import _SHAS as SCRIPT_SHAS
+from shared.cache.breaker import Permit
+from shared.cache.core import CachedJob, JobCache
+from shared.cache.errors import CacheError, CorruptEntry
+
+logger = logging.getLogger("shared.cache.redis_cache")
+
+
+def connect_async(url: str, *, socket_timeout: float) -> AsyncRedis:
+    """An asyncio client with the same short timeouts and no hidden retries."""
+    return AsyncRedis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        max_connections=256,
+    )
+
+
+class AsyncJobReader:
+    """`JobCache.get` for the event loop; writes and rare paths stay on `JobCache`."""
+
+    def __init__(self, cache: JobCache, client: AsyncRedis | None) -> None:
+        self.cache = cache
+        self.client = client if cache.backend is not None else None
+
+    async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
+        """Like `JobCache.get`: None when missing or owned by another client."""
+        job = await self._get(job_id)
+        if job is None or (client_id is not None and job.view.client_id != client_id):
+            return None
+        return job
+
+    async def _get(self, job_id: int) -> CachedJob | None:
+        cache = self.cache
+        if self.client is None:
+            return await to_thread.run_sync(cache.get, job_id)
+        token = secrets.token_hex(8)
+        deadline = time.monotonic() + cache.policy.lease_ms / 1000 + 0.05
+        delay = 0.002
+        while True:
+            permit = cache.breaker.acquire()
+            if permit is Permit.PROBE and not await to_thread.run_sync(cache.recover):
+                permit = None
+            if permit is None:
+                return await self._from_db(job_id)
+            deltas = cache._pending.take()
+            try:
+                code, raw = await self._read(job_id, token, deltas)
+            except CorruptEntry as corrupt:
+                cache._pending.restore(deltas)
+                await to_thread.run_sync(
+                    partial(cache._drop_corrupt, corrupt.key, counted_hit=False)
+                )
+                continue
+            except CacheError as exc:
+                cache._pending.restore(deltas)
+                cache._pending.add("errors")
+                cache.breaker.failure(exc)
+                return await self._from_db(job_id)
+            cache.breaker.success()
+            if code == 0 and raw is not None:
+                cached = cache._decode(job_id, raw)
+                if cached is not None:
+                    return cached
+                await to_thread.run_sync(
+                    lambda: cache._drop_corrupt(cache.keys.job(job_id), counted_hit=True)
+                )
+                continue
+            if code == 1:
+                return await to_thread.run_sync(cache._fill, job_id, token)
+            if time.monotonic() >= deadline:
+                return await self._from_db(job_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _from_db(self, job_id: int) -> CachedJob | None:
+        self.cache._pending.add("misses")
+        return await to_thread.run_sync(self.cache._from_db, job_id)
+
+    async def _read(
+        self, job_id: int, token: str, deltas: Mapping[str, int]
+    ) -> tuple[int, bytes | None]:
+        assert self.client is not None
+        keys = self.cache.keys
+        args = (
+            keys.job(job_id),
+            keys.lease(job_id),
+            keys.stats(),
+            token,
+            self.cache.policy.lease_ms,
+        )
+        try:
+            if deltas:
+                reply = await self._read_with_deltas(args, deltas)
+            else:
+                reply = await self._evalsha(args)
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise CorruptEntry(keys.job(job_id)) from exc
+            raise CacheError(f"ResponseError: {exc}") from exc
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise CacheError(f"{type(exc).__name__}: {exc}") from exc
+        code = int(reply[0])
+        return code, (reply[1] if code == 0 else None)
+
+    async def _evalsha(self, args: tuple[Any, ...]) -> Any:
+        assert self.client is not None
+        try:
+            return await self.client.evalsha(SCRIPT_SHAS["read_job"], 3, *args)
+        except NoScriptError:
+            await self.client.script_load(scripts.READ_JOB)
+            return await self.client.evalsha(SCRIPT_SHAS["read_job"], 3, *args)
+
+    async def _read_with_deltas(self, args: tuple[Any, ...], deltas: Mapping[str, int]) -> Any:
+        assert self.client is not None
+        async with self.client.pipeline(transaction=False) as pipe:
+            for field, amount in deltas.items():
+                pipe.hincrby(self.cache.keys.stats(), field, amount)
+            pipe.evalsha(SCRIPT_SHAS["read_job"], 3, *args)
+            results = await pipe.execute(raise_on_error=False)
+        reply = results[-1]
+        if isinstance(reply, NoScriptError):
+            return await self._evalsha(args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
