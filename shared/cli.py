@@ -216,12 +216,13 @@ def main(
 
 def _delegate(command: str, rest: list[str]) -> int:
     if command == "up":
-        from shared.compose import up
-
-        return up(rest)
-    from shared.demo import main as demo_main
-
-    return demo_main(rest)
+        from shared.compose import up as run
+    else:
+        from shared.demo import main as run
+    try:
+        return run(rest)
+    except SystemExit as exc:  # their own argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
 
 
 def _error(message: str) -> None:

@@ -262,7 +262,10 @@ def format_table(off: RunResult | None, on: RunResult | None) -> str:
             _faster(off, on),
         ),
     ]
-    lines = [f"{a:<20}{b:>10}{c:>11}   {d}".rstrip() for a, b, c, d in rows]
+    # The original module's layout: the header sits one column right of the numbers.
+    header, *body = rows
+    lines = [f"{header[0]:<20}{header[1]:>10}{header[2]:>11}"]
+    lines += [f"{a:<20}{b:>9}{c:>11}   {d}".rstrip() for a, b, c, d in body]
     return "\n".join(lines)
 
 
