@@ -142,10 +142,6 @@ def _next_state(row: Job, upd: ProgressUpdate) -> dict[str, object] | None:
         status = cur_status
     else:
         status = JobStatus.RUNNING
-    if (status is JobStatus.SUCCEEDED) != (stage is Stage.DONE):
-        raise InvalidProgress("status", "succeeded goes with current_stage 'done' and only with it")
-    if status is JobStatus.QUEUED and stage is not Stage.QUEUED:
-        raise InvalidProgress("status", "a queued job cannot be past the queued stage")
     error = upd.error if upd.error is not None else row.error
     result_url = upd.result_url if upd.result_url is not None else row.result_url
     new: dict[str, object] = {
@@ -164,8 +160,14 @@ def _next_state(row: Job, upd: ProgressUpdate) -> dict[str, object] | None:
     }
     if new == old:
         return None
+    # A finished job refuses every change as a regression, before any consistency check
+    # could misreport it (a duplicate of its last report was let through just above).
     if cur_status.finished:
         raise ProgressRegression("status", f"job {row.id} is already {cur_status.value}")
+    if (status is JobStatus.SUCCEEDED) != (stage is Stage.DONE):
+        raise InvalidProgress("status", "succeeded goes with current_stage 'done' and only with it")
+    if status is JobStatus.QUEUED and stage is not Stage.QUEUED:
+        raise InvalidProgress("status", "a queued job cannot be past the queued stage")
     new_rank = (status.rank, stage.rank, scenes)
     old_rank = (cur_status.rank, cur_stage.rank, row.scenes_completed)
     if new_rank <= old_rank:
