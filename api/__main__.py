@@ -1,0 +1,41 @@
+"""`python -m api`: serve the API with uvicorn (the command of docker-compose's api service)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from shared.settings import get_settings
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging plus a root handler, so `api.*` and `shared.*` lines are printed too."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["root"] = {"handlers": ["default"], "level": level}
+    return config
+
+
+def main() -> None:
+    """Run uvicorn in factory mode: every worker process builds its own app after the fork."""
+    settings = get_settings()
+    level = settings.log_level.upper()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=settings.api_host,
+        port=settings.api_port,
+        workers=settings.api_workers,
+        access_log=False,
+        # "auto" picks uvloop and httptools when they are installed, asyncio/h11 otherwise.
+        loop="auto",
+        http="auto",
+        log_level=level.lower(),
+        log_config=log_config(level),
+    )
+
+
+if __name__ == "__main__":
+    main()

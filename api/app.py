@@ -1,0 +1,125 @@
+"""`create_app()`: the FastAPI application. Nothing is built at import or in `create_app`.
+
+The lifespan builds the runtime (engine, sessions, cache), the API-key resolver, the
+metrics and the enqueue function, puts them on `app.state.services`, and closes them
+on shutdown; so forks (uvicorn workers), tests and several configurations stay safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from kombu.exceptions import OperationalError as BrokerError
+
+from api import errors, routes
+from api.deps import Enqueue, Services
+from api.errors import QueueUnavailable
+from api.metrics import Metrics, RequestMetricsMiddleware
+from shared.apikeys import KeyResolver, lookup_client
+from shared.queue import create_celery, enqueue_render
+from shared.runtime import Runtime
+from shared.settings import Settings, get_settings, redact_url
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    enqueue: Enqueue | None = None,
+    redis_client: Any = None,
+) -> FastAPI:
+    """The API app; `enqueue` and `redis_client` are seams for tests (default: from settings)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = start_services(
+            settings or get_settings(), enqueue=enqueue, redis_client=redis_client
+        )
+        app.state.services = services
+        try:
+            yield
+        finally:
+            del app.state.services
+            stop_services(services)
+
+    app = FastAPI(
+        title="renderwatch",
+        summary="Progress of video-generation jobs, served from a Redis cache in front of SQL.",
+        version="2",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.add_middleware(errors.BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    # Added last, so outermost: it also counts the 413s of the body limit.
+    app.add_middleware(RequestMetricsMiddleware)
+    app.include_router(routes.router)
+    app.include_router(routes.ops)
+    return app
+
+
+def start_services(
+    settings: Settings, *, enqueue: Enqueue | None = None, redis_client: Any = None
+) -> Services:
+    """Build everything a running app needs (in the serving process, after any fork)."""
+    runtime = Runtime.start(settings, redis_client=redis_client)
+    try:
+        metrics = Metrics(runtime.cache)
+        metrics.count_queries(runtime.engine)
+
+        def lookup(key: str) -> str | None:
+            with runtime.sessions() as session:
+                return lookup_client(key, session=session)
+
+        keys = KeyResolver(lookup, ttl_seconds=settings.api_key_cache_seconds)
+        close_enqueue: Callable[[], None] = _nothing
+        if enqueue is None:
+            enqueue, close_enqueue = celery_enqueue(settings)
+    except BaseException:
+        runtime.close()
+        raise
+    logger.info(
+        "api started: database %s, cache %s",
+        redact_url(settings.database_url),
+        "on" if runtime.cache.enabled else "off",
+    )
+    return Services(
+        runtime=runtime,
+        keys=keys,
+        enqueue=enqueue,
+        metrics=metrics,
+        close_enqueue=close_enqueue,
+    )
+
+
+def stop_services(services: Services) -> None:
+    """Release what `start_services` built (flushes pending cache statistics)."""
+    services.metrics.close()
+    services.close_enqueue()
+    services.runtime.close()
+
+
+def celery_enqueue(settings: Settings) -> tuple[Enqueue, Callable[[], None]]:
+    """Send render tasks through the Celery broker; broker failures become `QueueUnavailable`."""
+    celery = create_celery(settings)
+
+    def enqueue(job_id: int) -> str:
+        try:
+            return enqueue_render(celery, job_id)
+        except (BrokerError, OSError) as exc:
+            # The type only: broker messages may name hosts or credentials.
+            raise QueueUnavailable(
+                f"the job queue refused the task ({type(exc).__name__})"
+            ) from exc
+
+    return enqueue, celery.close
+
+
+def _nothing() -> None:
+    return None

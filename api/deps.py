@@ -1,0 +1,108 @@
+"""What routes receive through `Depends`: the cache, a DB session, the caller's client id.
+
+Everything comes from `app.state.services`, built by the lifespan (`api.app`); tests
+swap any of it with `app.dependency_overrides` or the seams of `create_app`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from api.errors import body_validation_error, not_authenticated, unsupported_media_type
+from api.metrics import Metrics
+from api.models import JobCreate
+from shared.apikeys import KeyResolver
+from shared.cache import JobCache
+from shared.runtime import Runtime
+
+Enqueue = Callable[[int], str]
+
+
+@dataclass
+class Services:
+    """What the lifespan builds and closes: put on `app.state.services`."""
+
+    runtime: Runtime
+    keys: KeyResolver
+    enqueue: Enqueue
+    metrics: Metrics
+    close_enqueue: Callable[[], None] = lambda: None
+
+
+# Cheap lookups are `async def`: they run on the event loop, no thread-pool hop.
+async def get_services(request: Request) -> Services:
+    """The services of the running app."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_runtime(services: ServicesDep) -> Runtime:
+    return services.runtime
+
+
+async def get_cache(services: ServicesDep) -> JobCache:
+    return services.runtime.cache
+
+
+async def get_enqueue(services: ServicesDep) -> Enqueue:
+    return services.enqueue
+
+
+def get_session(services: ServicesDep) -> Iterator[Session]:
+    """A session for this request (it connects only when first used), closed afterwards."""
+    with services.runtime.sessions() as session:
+        yield session
+
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
+
+
+def current_client(
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The client id behind the request's bearer key, else 401.
+
+    Sync on purpose: on a cold key the resolver queries the database, which must not
+    block the event loop. A warm key is answered from the resolver's memory, so a
+    cached poll costs no database round trip for auth.
+    """
+    if credentials is None:
+        raise not_authenticated()
+    client = services.keys.resolve(credentials.credentials)
+    if client is None:
+        raise not_authenticated()
+    return client
+
+
+async def job_create_body(request: Request) -> JobCreate:
+    """The body of `POST /api/v2/jobs`, parsed after authentication (415/413/422 here)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise unsupported_media_type()
+    # The body limit (api.errors.BodyLimitMiddleware) turns an oversized body into a 413 here.
+    raw = await request.body()
+    try:
+        return JobCreate.model_validate_json(raw)
+    except ValidationError as exc:
+        raise body_validation_error(
+            [dict(error) for error in exc.errors(include_url=False, include_input=False)]
+        ) from None
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+CacheDep = Annotated[JobCache, Depends(get_cache)]
+SessionDep = Annotated[Session, Depends(get_session)]
+ClientId = Annotated[str, Depends(current_client)]
+EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]
+JobCreateBody = Annotated[JobCreate, Depends(job_create_body)]
