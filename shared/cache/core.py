@@ -154,6 +154,9 @@ class JobCache:
             result = op(backend, deltas)
         except CorruptEntry:
             self._pending.restore(deltas)
+            # Redis answered: a foreign value at one key is no outage. Without this, a
+            # probe that met one would leave the breaker half-open, skipping Redis forever.
+            self.breaker.success()
             raise
         except CacheError as exc:
             # Deltas of a timed-out call may or may not have landed; we keep them (a
