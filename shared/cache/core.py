@@ -153,7 +153,8 @@ class JobCache:
                 self._repair(backend)
             result = op(backend, deltas)
         except CorruptEntry:
-            self._pending.restore(deltas)
+            # No restore: the deltas ran ahead of the failing command in the same pipeline,
+            # so they have landed; putting them back would count them twice.
             # Redis answered: a foreign value at one key is no outage. Without this, a
             # probe that met one would leave the breaker half-open, skipping Redis forever.
             self.breaker.success()
