@@ -405,19 +405,23 @@ def test_list_is_newest_first_paginated_and_only_the_callers(api, alice, bob):
 
 
 def test_list_shows_new_jobs_and_new_versions_at_once(api, alice):
+    def listed():
+        r = api.client.get("/api/v2/jobs", headers=auth(alice))
+        return [(job["job_id"], job["version"]) for job in r.json()["items"]]
+
     first = api.create(alice)
-    assert [
-        j["job_id"] for j in api.client.get("/api/v2/jobs", headers=auth(alice)).json()["items"]
-    ] == [first]
-    cached = api.client.get("/api/v2/jobs", headers=auth(alice)).json()
+    assert listed() == [(first, 1)]
+    hits = api.runtime.cache.stats()["statistics"]["hits"]
+    assert listed() == [(first, 1)]
+    assert api.runtime.cache.stats()["statistics"]["hits"] == hits + 1, "the list is cached"
 
     second = api.create(alice)
+    after_create = listed()
     assert update_job_progress_with_cache(first, {"current_stage": "scripting"})
-    listed = api.client.get("/api/v2/jobs", headers=auth(alice)).json()["items"]
+    after_update = listed()
 
-    assert cached["items"][0]["version"] == 1
-    assert [j["job_id"] for j in listed] == [second, first]
-    assert listed[1]["version"] == 2
+    assert after_create == [(second, 1), (first, 1)]
+    assert after_update == [(second, 1), (first, 2)]
 
 
 @pytest.mark.parametrize(
