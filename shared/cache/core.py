@@ -173,6 +173,15 @@ class JobCache:
         self.breaker.success()
         return result
 
+    def _call_or_drop(self, op: Callable[[Backend, dict[str, int]], T]) -> T | _Unavailable:
+        """`_call` for the paths with no retry loop (fills, writes, statistics): a foreign
+        value at the key is dropped and counted, never raised to the caller."""
+        try:
+            return self._call(op)
+        except CorruptEntry as exc:
+            self._drop_corrupt(exc.key, counted_hit=False)
+            return UNAVAILABLE
+
     def recover(self) -> bool:
         """Run the half-open probe for a caller that already holds the PROBE permit."""
         backend = self.backend
@@ -253,11 +262,13 @@ class JobCache:
     def _fill(self, job_id: int, token: str) -> CachedJob | None:
         view = self._load_job(job_id)
         if view is None:
-            self._call(lambda b, d: b.release_lease(job_id, token, d))
+            self._call_or_drop(lambda b, d: b.release_lease(job_id, token, d))
             return None
         job = CachedJob.of(view)
         ttl = self.policy.ttl_for(view)
-        stored = self._call(lambda b, d: b.fill_job(job_id, token, view.version, job.body, ttl, d))
+        stored = self._call_or_drop(
+            lambda b, d: b.fill_job(job_id, token, view.version, job.body, ttl, d)
+        )
         if stored is False:
             logger.debug(
                 "fill of job %s v%s refused: newer entry or lease lost", job_id, view.version
@@ -307,7 +318,7 @@ class JobCache:
                 return load()
             return raw
         body = load()
-        self._call(lambda b, d: b.fill_list(client_id, current, page, body, d))
+        self._call_or_drop(lambda b, d: b.fill_list(client_id, current, page, body, d))
         return body
 
     # -- writes -------------------------------------------------------------------------------
@@ -333,7 +344,7 @@ class JobCache:
         body = view.to_json()
         ttl = self.policy.ttl_for(view)
         self._pending.add("invalidations")
-        stored = self._call(
+        stored = self._call_or_drop(
             lambda b, d: b.publish_job(view.job_id, view.client_id, view.version, body, ttl, d)
         )
         if isinstance(stored, _Unavailable):
@@ -372,7 +383,7 @@ class JobCache:
 
     def stats(self) -> dict[str, object]:
         """The statistics object; global counters from Redis plus this process's pending ones."""
-        counters = self._call(lambda b, d: b.counters(d))
+        counters = self._call_or_drop(lambda b, d: b.counters(d))
         if isinstance(counters, _Unavailable):
             merged = dict(self._last_counters)
             for key, value in self._pending.peek().items():
