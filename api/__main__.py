@@ -14,7 +14,16 @@ from shared.settings import get_settings
 def log_config(level: str) -> dict[str, Any]:
     """uvicorn's logging plus a root handler, so `api.*` and `shared.*` lines are printed too."""
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["root"] = {"handlers": ["default"], "level": level}
+    config["formatters"]["named"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+    }
+    config["handlers"]["named"] = {
+        "formatter": "named",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["named"], "level": level}
     return config
 
 

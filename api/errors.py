@@ -7,12 +7,17 @@ RequestValidationError    422, one entry per invalid field, never echoing the in
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import OperationalError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
 
 INVALID_KEY = "missing or invalid API key"
 JOB_NOT_FOUND = "job not found"
@@ -103,6 +108,17 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    # The type only: driver messages may carry hosts or connection details.
+    logger.warning("database unavailable (%s): answered 503", type(exc).__name__)
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": "database unavailable: please retry later"},
+        headers={"Retry-After": "5"},
+    )
+
+
 def install(app: FastAPI) -> None:
     """Register the API's exception handlers on `app`."""
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)

@@ -817,6 +817,24 @@ def test_readyz_is_503_when_the_database_does_not_answer(
     assert r.json() == {"status": "unavailable", "database": "unavailable", "redis": "available"}
 
 
+def test_a_database_that_does_not_answer_is_503_not_500(
+    make_settings, tmp_path, fake_redis, recorder
+):
+    app = create_app(
+        make_settings(
+            database_url=f"sqlite:///{tmp_path}", redis_url="redis://fake.invalid:6379/0"
+        ),
+        enqueue=recorder,
+        redis_client=fake_redis,
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/api/v2/jobs/1", headers=auth("rw_some-key"))
+
+    assert r.status_code == 503
+    assert r.json() == {"detail": "database unavailable: please retry later"}
+    assert str(tmp_path) not in r.text
+
+
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     r = client.get("/metrics")
     assert r.status_code == 200
