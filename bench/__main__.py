@@ -1,0 +1,41 @@
+"""`python -m bench [--quick] [--output DIR]`: measure and write latest.md/.json/.png."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench.config import FULL, QUICK
+from bench.run import main
+from bench.services import DEFAULT_PG_ADMIN_URL
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the CI smoke variant (~1 minute)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where latest.* go")
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_ADMIN_URL),
+        help="PostgreSQL admin URL; the bench creates and drops its own database",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep logs and raw records")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse(sys.argv[1:])
+    command = "python -m bench" + (" --quick" if args.quick else "")
+    sys.exit(
+        main(
+            QUICK if args.quick else FULL,
+            output=args.output,
+            pg_admin_url=args.pg_url,
+            keep=args.keep,
+            command=command,
+        )
+    )

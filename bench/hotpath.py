@@ -1,0 +1,124 @@
+"""2. Hot-path throughput, 1 API worker, wrk in its own process, all endpoints side by side.
+
+(a) bare FastAPI, constant bytes · (b) bare FastAPI, one redis.asyncio GET ·
+(c) GET /api/v2/jobs/{id}, auth + ownership + ETag + statistics, cached ·
+(d) the same with caching off, on PostgreSQL · (e) conditional polls answered 304.
+The endpoints take turns within each round, so drift hits them all alike; the bench
+reports medians over rounds and the ratios of each round's figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bench.config import Config
+from bench.procs import Child
+from bench.stack import Api, Client, JobRef, Stack
+from bench.stats import median, ratio
+from bench.wrk import Throughput, throughput
+
+LABELS = {
+    "const": "(a) FastAPI, constant bytes",
+    "redis_passthrough": "(b) FastAPI, one redis.asyncio GET",
+    "cached_poll": "(c) GET /api/v2/jobs/{id}, cached",
+    "uncached_poll": "(d) GET /api/v2/jobs/{id}, cache off (PostgreSQL)",
+    "conditional_304": "(e) GET /api/v2/jobs/{id}, If-None-Match → 304",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    headers: dict[str, str]
+    expect: int
+
+
+def prepare(
+    stack: Stack, *, api_on: Api, api_off: Api, ref_const: Child, ref_redis: Child, key: str
+) -> tuple[JobRef, dict[str, Target]]:
+    """One hot job, cached; the reference key holds the same bytes; every target checked once."""
+    client: Client = stack.clients[0]
+    (job,) = stack.make_jobs(1, scenes=5)
+    first = api_on.get(job.path, client)
+    first.raise_for_status()
+    etag = first.headers["etag"]
+    stack.redis.client().set(key, first.content)
+    auth = client.auth
+    targets = {
+        "const": Target(f"http://127.0.0.1:{ref_const.port}/const", {}, 200),
+        "redis_passthrough": Target(f"http://127.0.0.1:{ref_redis.port}/redis", {}, 200),
+        "cached_poll": Target(api_on.url(job.path), auth, 200),
+        "uncached_poll": Target(api_off.url(job.path), auth, 200),
+        "conditional_304": Target(api_on.url(job.path), {**auth, "If-None-Match": etag}, 304),
+    }
+    for name, target in targets.items():
+        status = stack.http.get(target.url, headers=target.headers).status_code
+        if status != target.expect:
+            raise RuntimeError(f"hot path {name}: expected {target.expect}, got {status}")
+    return job, targets
+
+
+def measure(stack: Stack, cfg: Config, target: Target, *, seconds: float, name: str) -> Throughput:
+    return throughput(
+        target.url,
+        headers=target.headers,
+        duration=seconds,
+        workdir=stack.workdir / "wrk",
+        name=name,
+        connections=cfg.wrk_connections,
+        threads=cfg.wrk_threads,
+    )
+
+
+def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]:
+    if cfg.hot_warmup_seconds > 0:
+        for name, target in targets.items():
+            measure(stack, cfg, target, seconds=cfg.hot_warmup_seconds, name=f"warm-{name}")
+    rounds: list[dict[str, Throughput]] = []
+    for i in range(cfg.hot_rounds):
+        rounds.append(
+            {
+                name: measure(stack, cfg, target, seconds=cfg.hot_seconds, name=f"{name}-{i}")
+                for name, target in targets.items()
+            }
+        )
+    table = {
+        name: {
+            "rps": median([r[name].rps for r in rounds]),
+            "p50_ms": median([r[name].p50_ms for r in rounds]),
+            "p99_ms": median([r[name].p99_ms for r in rounds]),
+            "errors": sum(r[name].errors for r in rounds),
+        }
+        for name in targets
+    }
+    ratios = {
+        "cached_vs_redis_passthrough": median(
+            [ratio(r["cached_poll"].rps, r["redis_passthrough"].rps) for r in rounds]
+        ),
+        "cached_vs_uncached": median(
+            [ratio(r["cached_poll"].rps, r["uncached_poll"].rps) for r in rounds]
+        ),
+        "p99_cached_vs_redis_passthrough": median(
+            [ratio(r["cached_poll"].p99_ms, r["redis_passthrough"].p99_ms) for r in rounds]
+        ),
+        "redis_passthrough_vs_const": median(
+            [ratio(r["redis_passthrough"].rps, r["const"].rps) for r in rounds]
+        ),
+        "304_vs_cached": median(
+            [ratio(r["conditional_304"].rps, r["cached_poll"].rps) for r in rounds]
+        ),
+    }
+    return {
+        "table": table,
+        "ratios": ratios,
+        "rounds": [{name: t.as_dict() for name, t in r.items()} for r in rounds],
+        "tool": rounds[0]["const"].tool if rounds else "none",
+        "params": {
+            "rounds": cfg.hot_rounds,
+            "seconds": cfg.hot_seconds,
+            "connections": cfg.wrk_connections,
+            "threads": cfg.wrk_threads,
+            "api_workers": 1,
+        },
+    }

@@ -1,0 +1,181 @@
+"""One bench run: start everything, measure every section, write the results, stop everything."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from bench import hotpath, outage, poll, report, scale, stampede, writepath
+from bench.config import Config
+from bench.procs import PYTHON, ProcessGroup, base_env, free_port, wait_port
+from bench.services import private_database, start_hung_server, start_redis
+from bench.stack import Stack
+from bench.wrk import WRK_INSTALL_HINT, wrk_path
+
+REFERENCE_KEY = "bench:reference:job"
+RUN_MARKER = "RW_BENCH_RUN"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Turn SIGTERM into an exception, so every `finally` below stops what it started.
+    raise SystemExit(128 + signum)
+
+
+def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
+    """Every section, in one run, on services created for it and removed after it."""
+    results: dict[str, Any] = {"config": cfg.name}
+    with private_database(pg_admin_url) as database_url, ProcessGroup(workdir / "logs") as group:
+        log(f"private database {database_url.rsplit('/', 1)[-1]}")
+        redis = start_redis(group, workdir / "redis")
+        stack = Stack(group=group, workdir=workdir, database_url=database_url, redis=redis)
+        try:
+            runtime = stack.start_runtime()
+            stack.make_clients(cfg.poll_clients)
+            log("starting API instances, reference apps and a hung Redis")
+            hung = start_hung_server(group)
+            api_on = stack.launch_api("api-cache-on", cache=True)
+            api_off = stack.launch_api("api-cache-off", cache=False)
+            api_hung = stack.launch_api(
+                "api-redis-hung", cache=True, redis_url=f"redis://127.0.0.1:{hung.port}/0"
+            )
+            ref_const = group.start(
+                "ref-const",
+                [PYTHON, "-m", "bench.refapps", "const", str(port := free_port())],
+                port=port,
+            )
+            ref_redis = group.start(
+                "ref-redis",
+                [PYTHON, "-m", "bench.refapps", "redis", str(port := free_port())],
+                env=base_env(BENCH_REDIS_URL=redis.url, BENCH_REDIS_KEY=REFERENCE_KEY),
+                port=port,
+            )
+            # Started now, idle until section 6: their start-up overlaps the others'.
+            apis = {1: api_on}
+            for n in cfg.scale_workers:
+                if n != 1:
+                    apis[n] = stack.launch_api(f"api-cache-on-{n}w", cache=True, workers=n)
+            stack.wait_ready(*apis.values(), api_off, api_hung)
+            for ref in (ref_const, ref_redis):
+                assert ref.port is not None
+                wait_port(ref, ref.port)
+
+            log(f"1. polling scenario ({cfg.poll_rounds} round(s) per column)")
+            results["poll"] = poll.run(stack, cfg, api_off=api_off, api_on=api_on)
+
+            log("2. hot path")
+            job, targets = hotpath.prepare(
+                stack,
+                api_on=api_on,
+                api_off=api_off,
+                ref_const=ref_const,
+                ref_redis=ref_redis,
+                key=REFERENCE_KEY,
+            )
+            results["hotpath"] = hotpath.run(stack, cfg, targets)
+
+            log("3. stampede")
+            results["stampede"] = stampede.run(stack, cfg, api_on=api_on, job=job)
+
+            log("4. write path")
+            results["writepath"] = writepath.run(stack, cfg)
+
+            log("5. Redis outage (private redis-server paused; hung TCP server)")
+            owner = stack.clients[:1]
+            refs = stack.make_jobs(8, scenes=5, clients=owner)
+            results["outage"] = outage.run(
+                stack, cfg, api_on=api_on, api_off=api_off, api_hung=api_hung, refs=refs
+            )
+            group.stop(api_hung.child)
+
+            log("6. scale")
+            results["scale"] = {
+                "workers": scale.workers_rps(stack, cfg, apis=apis, job=job),
+                "db_line": scale.db_line(stack, cfg, api_on=api_on, api_off=api_off),
+                "interval_s": cfg.scale_interval,
+                "write_rate": cfg.scale_write_rate,
+            }
+            for n, api in apis.items():
+                if n != 1:
+                    stack.stop_api(api)
+            with runtime.sessions() as session:
+                postgres = str(session.execute(text("SHOW server_version")).scalar())
+            redis_version = str(redis.client().info("server")["redis_version"])
+            results["machine"] = report.machine(
+                redis_version=redis_version,
+                postgres_version=postgres,
+                tool=results["hotpath"]["tool"],
+            )
+        finally:
+            stack.close()
+    return results
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write(results: dict[str, Any], output: Path, *, command: str) -> dict[str, Any]:
+    """latest.json, latest.md and latest.png in `output`; returns the JSON document."""
+    output.mkdir(parents=True, exist_ok=True)
+    figs = report.figures(results)
+    checks = report.targets(results, figs)
+    document = {
+        **figs,
+        "targets": checks,
+        "machine": results["machine"],
+        "config": results["config"],
+        "command": command,
+        "details": {k: v for k, v in results.items() if k not in ("machine", "config")},
+    }
+    # The raw latencies feed the chart; the JSON keeps only their summaries.
+    document["details"]["poll"] = {k: v for k, v in results["poll"].items() if k != "latency_ms"}
+    (output / "latest.json").write_text(json.dumps(_clean(document), indent=2) + "\n")
+    text_md = report.markdown(results, figs, checks, results["machine"], command=command)
+    (output / "latest.md").write_text(text_md)
+    report.chart(results, output / "latest.png")
+    print(text_md)
+    return document
+
+
+def main(cfg: Config, *, output: Path, pg_admin_url: str, keep: bool, command: str) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    if wrk_path() is None:
+        log(WRK_INSTALL_HINT)
+    workdir = Path(tempfile.mkdtemp(prefix="rw-bench-"))
+    # Inherited by every process the bench starts: anyone can check that none outlives it.
+    os.environ[RUN_MARKER] = workdir.name
+    log(f"run {workdir.name} (marker {RUN_MARKER} in every child's environment)")
+    started = time.monotonic()
+    ok = False
+    try:
+        results = measure(cfg, pg_admin_url=pg_admin_url, workdir=workdir)
+        write(results, output, command=command)
+        ok = True
+    finally:
+        if ok and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log(f"logs and raw records kept in {workdir}")
+    log(f"done in {time.monotonic() - started:.0f}s: {output}/latest.md, latest.json, latest.png")
+    return 0
