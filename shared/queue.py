@@ -20,7 +20,7 @@ def create_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
+        broker_transport_options=_transport_options(settings),
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",
@@ -46,6 +46,14 @@ def create_celery(settings: Settings) -> Celery:
         },
     )
     return app
+
+
+def _transport_options(settings: Settings) -> dict[str, object]:
+    # The SQL fallback broker (sqla+...) hands its options to create_engine, which refuses
+    # visibility_timeout; that transport has no visibility timeout to set anyway.
+    if settings.broker_url.startswith("sqla+"):
+        return {}
+    return {"visibility_timeout": settings.task_visibility_timeout}
 
 
 def enqueue_render(app: Celery, job_id: int) -> str:
