@@ -20,6 +20,7 @@ from api.deps import Enqueue, Services
 from api.errors import QueueUnavailable
 from api.metrics import Metrics, RequestMetricsMiddleware
 from shared.apikeys import KeyResolver, lookup_client
+from shared.cache.aio import AsyncJobReader
 from shared.queue import create_celery, enqueue_render
 from shared.runtime import Runtime
 from shared.settings import Settings, get_settings, redact_url
@@ -47,6 +48,7 @@ def create_app(
             yield
         finally:
             del app.state.services
+            await services.reader.close()
             stop_services(services)
 
     app = FastAPI(
@@ -78,6 +80,7 @@ def start_services(
                 return lookup_client(key, session=session)
 
         keys = KeyResolver(lookup, ttl_seconds=settings.api_key_cache_seconds)
+        reader = AsyncJobReader(runtime.cache, async_redis(settings, redis_client))
         close_enqueue: Callable[[], None] = _nothing
         if enqueue is None:
             enqueue, close_enqueue = celery_enqueue(settings)
@@ -94,8 +97,21 @@ def start_services(
         keys=keys,
         enqueue=enqueue,
         metrics=metrics,
+        reader=reader,
         close_enqueue=close_enqueue,
     )
+
+
+def async_redis(settings: Settings, redis_client: Any) -> Any:
+    """The asyncio client of the hot read; None (read through the sync cache) when a test
+    injected its own sync client, or when caching is off or redis is not importable."""
+    if redis_client is not None or not settings.redis_url:
+        return None
+    try:
+        from shared.cache.aio import connect_async
+    except ImportError:
+        return None
+    return connect_async(settings.redis_url, socket_timeout=settings.redis_socket_timeout)
 
 
 def stop_services(services: Services) -> None:

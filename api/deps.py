@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
+from anyio import to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ from api.metrics import Metrics
 from api.models import JobCreate
 from shared.apikeys import KeyResolver
 from shared.cache import JobCache
+from shared.cache.aio import AsyncJobReader
 from shared.runtime import Runtime
 
 Enqueue = Callable[[int], str]
@@ -33,6 +35,7 @@ class Services:
     keys: KeyResolver
     enqueue: Enqueue
     metrics: Metrics
+    reader: AsyncJobReader
     close_enqueue: Callable[[], None] = lambda: None
 
 
@@ -54,6 +57,10 @@ async def get_cache(services: ServicesDep) -> JobCache:
     return services.runtime.cache
 
 
+async def get_reader(services: ServicesDep) -> AsyncJobReader:
+    return services.reader
+
+
 async def get_enqueue(services: ServicesDep) -> Enqueue:
     return services.enqueue
 
@@ -67,19 +74,21 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
 
 
-def current_client(
+async def current_client(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """The client id behind the request's bearer key, else 401.
 
-    Sync on purpose: on a cold key the resolver queries the database, which must not
-    block the event loop. A warm key is answered from the resolver's memory, so a
-    cached poll costs no database round trip for auth.
+    A warm key is answered from the resolver's memory on the event loop (no thread
+    hop, no database round trip: this runs on every cached poll); a cold key is
+    looked up in the database from a worker thread, so the loop never blocks.
     """
     if credentials is None:
         raise not_authenticated()
-    client = services.keys.resolve(credentials.credentials)
+    known, client = services.keys.remembered(credentials.credentials)
+    if not known:
+        client = await to_thread.run_sync(services.keys.resolve, credentials.credentials)
     if client is None:
         raise not_authenticated()
     return client
@@ -102,6 +111,7 @@ async def job_create_body(request: Request) -> JobCreate:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 CacheDep = Annotated[JobCache, Depends(get_cache)]
+ReaderDep = Annotated[AsyncJobReader, Depends(get_reader)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ClientId = Annotated[str, Depends(current_client)]
 EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]

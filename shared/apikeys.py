@@ -79,12 +79,23 @@ class KeyResolver:
         self._entries: dict[str, tuple[float, str | None]] = {}
         self._lock = threading.Lock()
 
+    def remembered(self, key: str) -> tuple[bool, str | None]:
+        """(True, client or None) when the answer is in memory; (False, None) if a lookup is due.
+
+        Never does I/O, so an async caller can use it on the event loop.
+        """
+        entry = self._entries.get(hash_key(key))
+        if entry is not None and entry[0] > self._clock():
+            return True, entry[1]
+        return False, None
+
     def resolve(self, key: str) -> str | None:
+        """The key's client (None if invalid), from memory or from the lookup."""
+        known, client = self.remembered(key)
+        if known:
+            return client
         digest = hash_key(key)
         now = self._clock()
-        entry = self._entries.get(digest)
-        if entry is not None and entry[0] > now:
-            return entry[1]
         client = self._lookup(key)
         with self._lock:
             if len(self._entries) >= self._max:

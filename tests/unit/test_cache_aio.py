@@ -1,0 +1,128 @@
+"""The async hot read (`shared.cache.aio.AsyncJobReader`) keeps the cache's guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+from unittest import mock
+
+import fakeredis
+import pytest
+
+from shared import jobs
+from shared.cache.aio import AsyncJobReader
+from shared.cache.breaker import State
+from shared.db import build_engine, build_session_factory
+from shared.runtime import build_cache
+
+
+@pytest.fixture
+def world(sqlite_url, make_settings):
+    server = fakeredis.FakeServer()
+    sync_client = fakeredis.FakeRedis(server=server)
+    settings = make_settings(database_url=sqlite_url, cache_namespace="aio")
+    engine = build_engine(settings.database_url)
+    sessions = build_session_factory(engine)
+    cache = build_cache(settings, sessions, redis_client=sync_client)
+    with sessions() as session:
+        view = jobs.create_job(session=session, client_id="alice", prompt="p", scenes_total=4)
+    loader = mock.Mock(wraps=cache._load_job)
+    cache._load_job = loader
+    yield cache, server, sync_client, view, loader
+    engine.dispose()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_cold_reads_cost_one_db_read(world):
+    cache, server, _, view, loader = world
+
+    async def main():
+        reader = AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server))
+        results = await asyncio.gather(*(reader.get(view.job_id) for _ in range(60)))
+        await reader.close()
+        return results
+
+    results = run(main())
+    assert {r.view.version for r in results} == {view.version}
+    assert loader.call_count == 1
+    stats = cache.stats()["statistics"]
+    assert stats["hits"] + stats["misses"] == 60
+    assert stats["misses"] == 1
+
+
+def test_hit_of_another_clients_job_is_none(world):
+    cache, server, _, view, loader = world
+
+    async def main():
+        reader = AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server))
+        owner = await reader.get(view.job_id, client_id="alice")
+        foreign = await reader.get(view.job_id, client_id="mallory")
+        await reader.close()
+        return owner, foreign
+
+    owner, foreign = run(main())
+    assert owner is not None and owner.view.client_id == "alice"
+    assert foreign is None
+    assert loader.call_count == 1  # the foreign read was a hit, and still refused
+
+
+def test_corrupt_entry_is_dropped_counted_and_served_from_db(world):
+    cache, server, sync_client, view, _ = world
+    sync_client.set(cache.keys.job(view.job_id), b'{"job_id": "nope"')
+
+    async def main():
+        reader = AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server))
+        job = await reader.get(view.job_id)
+        await reader.close()
+        return job
+
+    job = run(main())
+    assert job is not None and job.view.version == view.version
+    stats = cache.stats()["statistics"]
+    assert stats["errors"] == 1
+    assert stats["hits"] == 0 and stats["misses"] == 1
+    assert sync_client.get(cache.keys.job(view.job_id)) == job.body  # refilled with the truth
+
+
+def test_after_a_failure_reads_skip_redis_until_the_probe(world):
+    cache, server, _, view, loader = world
+    clock = [0.0]
+    cache.breaker._clock = lambda: clock[0]
+
+    class Broken:
+        calls = 0
+
+        async def evalsha(self, *args):
+            Broken.calls += 1
+            raise OSError("connection refused")
+
+        async def aclose(self):
+            return None
+
+    async def main():
+        reader = AsyncJobReader(cache, Broken())  # type: ignore[arg-type]
+        first = await reader.get(view.job_id)
+        for _ in range(20):
+            assert (await reader.get(view.job_id)) is not None
+        return first
+
+    first = run(main())
+    assert first is not None
+    assert Broken.calls == 1  # the breaker opened on the first failure
+    assert cache.breaker.state is State.OPEN
+    assert not cache.available()
+    assert loader.call_count == 21
+
+    # After the reset period the probe (sync backend, healthy) closes the breaker.
+    clock[0] += 10
+
+    async def healthy():
+        reader = AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server))
+        job = await reader.get(view.job_id)
+        await reader.close()
+        return job
+
+    assert run(healthy()) is not None
+    assert cache.breaker.state.value == "closed"
