@@ -58,6 +58,8 @@ NON_SCENE_STAGES_IN_SCENES = 1.0
 TIMES = "\N{MULTIPLICATION SIGN}"
 SERVICES = ("api", "worker", "beat", "flower")
 PER_JOB_ERROR_LIMIT = 20
+# Renders at once: enough that most jobs run soon after they are submitted.
+WORKER_CONCURRENCY = 3
 
 
 class DemoError(Exception):
@@ -397,6 +399,7 @@ class Demo:
         self.run_id = f"demo-{uuid.uuid4().hex[:8]}"
         self.redis: RedisChoice | None = None
         self._stacks: list[Stack] = []
+        self._unforgotten: list[dict[str, str]] = []
 
     # -- the whole demo -------------------------------------------------------------------
 
@@ -434,8 +437,17 @@ class Demo:
         say("\nResults (requests and response times measured at the clients; database queries")
         say("from the API's renderwatch_db_queries_total; hits from /api/v2/cache/stats)\n")
         say(format_table(off, on))
+        if on is not None and on.avg_ms > 0.8 * off.avg_ms:
+            say(
+                "\nResponse times are close: on one machine a primary-key read from the database "
+                "costs about\nas much as a Redis round trip. What the cache saves is database "
+                "work, which is what grows\nwith the number of polling clients."
+            )
         if on is None:
-            say("\nCaching was OFF for this demo (no Redis): only the database column is real.")
+            say(
+                "\nCaching was OFF for this demo (no Redis answered and none could be started):"
+                " only\nthe cache-off column was measured."
+            )
         for run in (off, on):
             if run is not None and run.db_queries is None:
                 say("\nNote: the API exposes no renderwatch_db_queries_total, so queries are n/a.")
@@ -451,6 +463,8 @@ class Demo:
         while self._stacks:
             stack = self._stacks.pop()
             stack.stop()
+        while self._unforgotten:
+            self._forget_run(self._unforgotten.pop())
         if self.redis is not None:
             self.redis.stop()
 
@@ -470,6 +484,7 @@ class Demo:
         say(f"  migrated the database and created API keys for {' and '.join(CLIENTS)}")
         api_port, flower_port = free_port(), free_port()
         env = self._stack_env(label, database_url, cache, api_port, flower_port)
+        self._unforgotten.append(env)
         services = [s for s in SERVICES if s != "flower" or self.config.flower]
         log_dir = DEMO_DIR / "logs" / label
         say(f"  starting {', '.join(services)} (logs: {_rel(log_dir)}/) ...")
@@ -484,7 +499,14 @@ class Demo:
             stack.wait_healthy(self.config.startup_timeout)
         except RuntimeError as exc:
             # The message names the service and ends with the tail of its log.
-            raise DemoError(f"the {label} stack did not come up: {exc}") from None
+            hint = ""
+            if env["CELERY_BROKER_URL"].startswith("sqla+"):
+                hint = (
+                    "\nHint: the SQL fallback broker cannot carry Celery's remote-control "
+                    "pings that the worker and beat healthchecks use; install redis-server "
+                    "or set CELERY_BROKER_URL (e.g. amqp://guest:guest@127.0.0.1:5672//)."
+                )
+            raise DemoError(f"the {label} stack did not come up: {exc}{hint}") from None
         base_url = f"http://127.0.0.1:{api_port}"
         self._wait_ready(base_url, stack, services)
         flower = f", Flower http://127.0.0.1:{flower_port}" if self.config.flower else ""
@@ -496,6 +518,8 @@ class Demo:
         say(f"  stopping the {label} stack ...")
         self._stacks.remove(stack)
         stack.stop()
+        self._forget_run(env)
+        self._unforgotten.remove(env)
         return result
 
     def _workload(self, base_url: str, keys: Mapping[str, str], *, cache: bool) -> RunResult:
@@ -662,7 +686,25 @@ class Demo:
             "API_PORT": str(api_port),
             "API_WORKERS": "1",
             "FLOWER_PORT": str(flower_port),
+            "FLOWER_ADDRESS": "127.0.0.1",
+            # Private node names and beat schedule: a live stack on the same broker and
+            # checkout must neither answer our healthchecks nor share our schedule file.
+            "WORKER_NAME": f"{self.run_id}-{label}-worker",
+            "BEAT_NAME": f"{self.run_id}-{label}-beat",
+            "BEAT_SCHEDULE": str(DEMO_DIR / f"{label}-celerybeat-schedule"),
+            "WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
         }
+
+    def _forget_run(self, env: Mapping[str, str]) -> None:
+        """Drop this run's keys (cache namespace, queue bindings): a shared Redis keeps none."""
+        namespace, queue = env["CACHE_NAMESPACE"], env["CELERY_QUEUE"]
+        targets = [(self.redis.url if self.redis else "", [f"{namespace}:*"])]
+        broker = env["CELERY_BROKER_URL"]
+        if broker.startswith(("redis://", "rediss://", "unix://")):
+            targets.append((broker, [queue, f"_kombu.binding*.{queue}", f"{queue}\x06*"]))
+        for url, patterns in targets:
+            if url:
+                _delete_keys(url, patterns)
 
     def _wait_ready(self, base_url: str, stack: Stack, services: Sequence[str]) -> None:
         deadline = time.monotonic() + self.config.startup_timeout
@@ -687,6 +729,27 @@ class Demo:
                 lines += tail
         where = "logs under " + _rel(DEMO_DIR / "logs")
         return where + ("\n" + "\n".join(lines) if lines else "")
+
+
+def _delete_keys(url: str, patterns: Sequence[str]) -> None:
+    """Best effort: delete the keys matching `patterns` (SCAN, never KEYS)."""
+    try:
+        import redis
+    except ImportError:
+        return
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2.0)
+    except ValueError:
+        return
+    try:
+        for pattern in patterns:
+            batch = list(client.scan_iter(match=pattern, count=1_000))
+            if batch:
+                client.delete(*batch)
+    except (redis.RedisError, OSError):
+        pass  # leftovers expire or stay harmless under a namespace nobody else uses
+    finally:
+        client.close()
 
 
 def _stat(stats: Mapping[str, Any], name: str) -> int:

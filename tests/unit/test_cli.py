@@ -265,7 +265,7 @@ def test_watch_polls_with_if_none_match_and_prints_nothing_on_304(capsys):
 
 
 def test_watch_sleeps_the_interval_between_polls(capsys):
-    sleeps = []
+    sleeps: list[float] = []
     transport = httpx.MockTransport(FakeApi(polls_per_version=1))
     code = cli.main(
         ["watch", "7", "--interval", "2.5"], environ=ENV, transport=transport, sleep=sleeps.append
