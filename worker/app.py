@@ -55,13 +55,16 @@ def start_process(settings: Settings | None = None) -> WorkerProcess:
         renderer = load_renderer(settings)
         runtime = Runtime.start(settings)
         _process = WorkerProcess(runtime=runtime, renderer=renderer, pid=os.getpid())
-        logger.info(
-            "worker process %d ready (renderer %s, caching %s)",
-            _process.pid,
-            type(renderer).__name__,
-            "on" if runtime.cache.enabled else "off",
-        )
         return _process
+
+
+def _log_ready(process: WorkerProcess) -> None:
+    logger.info(
+        "worker process %d ready (renderer %s, caching %s)",
+        process.pid,
+        type(process.renderer).__name__,
+        "on" if process.runtime.cache.enabled else "off",
+    )
 
 
 def stop_process() -> None:
@@ -105,9 +108,17 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         start_process()
 
 
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    # Logging is set up only after worker_init: report the main process's state here.
+    process = _process
+    if process is not None and process.pid == os.getpid():
+        _log_ready(process)
+
+
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
-    start_process()
+    _log_ready(start_process())
 
 
 @signals.worker_process_shutdown.connect

@@ -98,11 +98,15 @@ class Stack:
     def render_log(self) -> Path:
         return self.tmp_path / "renders.log"
 
-    def worker(self, *, concurrency: int = 1, **overrides: object) -> Any:
+    def worker(self, *, concurrency: int = 1, pool: str = "prefork", **overrides: object) -> Any:
         env = procs.settings_env(self.settings, **overrides)
         env[RENDER_LOG_ENV] = str(self.render_log)
         return procs.celery_worker(
-            env, self.tmp_path, queue=self.settings.celery_queue, concurrency=concurrency
+            env,
+            self.tmp_path,
+            queue=self.settings.celery_queue,
+            concurrency=concurrency,
+            pool=pool,
         )
 
     def create_job(self, scenes: int) -> int:
@@ -210,6 +214,20 @@ def test_job_goes_from_queued_to_succeeded_with_every_version_in_order(stack):
     assert final["progress"]["percent"] == 100.0
     assert final["result_url"] == RESULT_URL_TEMPLATE.format(job_id=job_id)
     assert final["error"] is None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_pools_without_children_build_their_runtime_in_the_main_process(stack, pool):
+    job_id = stack.create_job(2)
+    with stack.worker(pool=pool, renderer=RECORDING) as worker:
+        assert task_done(worker, stack.enqueue(job_id)) == "succeeded"
+        assert worker.child_pids() == []
+        log = worker.log()
+
+    assert f"worker process {worker.pid} ready" in log
+    assert {pid for pid, *_ in renderer_log(stack.render_log)} == {worker.pid}
+    assert stack.db_job(job_id).status == "succeeded"
 
 
 @pytest.mark.timeout(120)
