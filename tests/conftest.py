@@ -138,7 +138,7 @@ def make_settings() -> Callable[..., Settings]:
     """Settings from explicit values only (the developer's .env is ignored)."""
 
     def build(**overrides: Any) -> Settings:
-        return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **overrides)
 
     return build
 
