@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +35,9 @@ class Throughput:
 
 
 def wrk_path() -> str | None:
+    """wrk's path; None when missing or when BENCH_LOAD_GENERATOR=python asks for the fallback."""
+    if os.environ.get("BENCH_LOAD_GENERATOR", "").lower() == "python":
+        return None
     return shutil.which("wrk")
 
 
