@@ -256,3 +256,38 @@ def private_redis(log_dir: Path, *, attempts: int = 5) -> Iterator[str]:
             proc.stop()
         return
     raise AssertionError(f"could not start a private redis-server:\n{last_log}")
+
+
+def api_server(
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    workers: int = 1,
+    ready_timeout: float = READY_TIMEOUT,
+) -> Any:
+    """A context manager running `python -m api` (the compose command) on a free port.
+
+    Yields the `ServiceProcess`; its `base_url` attribute is the server's address.
+    """
+    port = port or free_port()
+    child_env = {**env, "API_HOST": "127.0.0.1", "API_PORT": str(port), "API_WORKERS": str(workers)}
+    proc = ServiceProcess(
+        f"api :{port}", [sys.executable, "-m", "api"], child_env, log_dir / f"api-{port}.log"
+    )
+    proc.base_url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+
+    def healthy(p: ServiceProcess) -> None:
+        import httpx
+
+        def answers() -> bool:
+            if not p.alive():
+                raise AssertionError(f"{p.name} exited before answering /healthz")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, timeout=ready_timeout, interval=0.1, what=f"{p.name} /healthz")
+
+    return running(proc, healthy)
