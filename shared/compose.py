@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -311,8 +311,14 @@ def _depends_on(name: str, value: Any) -> dict[str, str]:
     raise ComposeError(f"{name}: depends_on must be a list or a mapping")
 
 
-def start_order(services: Mapping[str, Service], wanted: Sequence[str]) -> list[str]:
-    """`wanted` and everything they depend on, dependencies first (stable, cycle-checked)."""
+def start_order(
+    services: Mapping[str, Service], wanted: Sequence[str], *, first: Collection[str] = ()
+) -> list[str]:
+    """`wanted` and everything they depend on, dependencies first, cycle-checked.
+
+    Among services whose dependencies are met, those in `first` (the one-shots) go first,
+    so that e.g. migrations run before anything that does not strictly wait for them.
+    """
     order: list[str] = []
     state: dict[str, str] = {}
 
@@ -331,7 +337,17 @@ def start_order(services: Mapping[str, Service], wanted: Sequence[str]) -> list[
 
     for name in wanted:
         visit(name, ())
-    return order
+    # Kahn's algorithm over the acyclic closure; ties keep the depth-first order.
+    rank = {name: (name not in first, index) for index, name in enumerate(order)}
+    pending = {name: set(services[name].depends_on) for name in order}
+    result: list[str] = []
+    while pending:
+        ready = min((n for n, deps in pending.items() if not deps), key=rank.__getitem__)
+        result.append(ready)
+        del pending[ready]
+        for deps in pending.values():
+            deps.discard(ready)
+    return result
 
 
 # --------------------------------------------------------------------------- the runner
@@ -405,15 +421,15 @@ class Stack:
         self._overrides = {key: str(value) for key, value in env.items()}
         self._lookup = {**os.environ, **self._overrides}
         self.services = load_services(compose_file, self._lookup)
-        order = start_order(self.services, list(services))
-        self.plan = [name for name in order if self.services[name].local]
-        self.skipped = [name for name in order if not self.services[name].local]
         self._one_shots = {
             dep
-            for name in order
-            for dep, condition in self.services[name].depends_on.items()
+            for service in self.services.values()
+            for dep, condition in service.depends_on.items()
             if condition == "service_completed_successfully"
         }
+        order = start_order(self.services, list(services), first=self._one_shots)
+        self.plan = [name for name in order if self.services[name].local]
+        self.skipped = [name for name in order if not self.services[name].local]
         if log_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
                 prefix="renderwatch-stack-"

@@ -1,0 +1,155 @@
+"""The stack of docker-compose.yml as real local processes, once per test module.
+
+`stack` starts api, worker, beat and flower (and the one-shot migrate before them) with
+the commands and environment of docker-compose.yml, pointed at the machine's Redis
+(private key namespace, private queue and Celery node names), a private PostgreSQL
+database and free ports; it waits on the healthchecks the file declares and stops
+everything at the end, failures included. When a test fails, the tail of every
+service's log is attached to its report.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.compose import Stack, venv_bin
+from shared.settings import REPO_ROOT
+
+SERVICES = ["api", "worker", "beat", "flower"]
+HEALTHY_TIMEOUT = 120.0
+LOG_TAIL_LINES = 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningStack:
+    """The running stack and how to reach it."""
+
+    stack: Stack
+    env: dict[str, str]
+    api_url: str
+    flower_url: str
+    worker_node: str
+    beat_node: str
+
+    def http(self) -> httpx.Client:
+        """A client that behaves like a user's: no proxies from the environment on loopback."""
+        return httpx.Client(base_url=self.api_url, timeout=10.0, trust_env=False)
+
+    def cli(self, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
+        """Run `renderwatch ARGS` as an operator would, with the stack's environment + overrides."""
+        env = {**os.environ, **self.env, **overrides}
+        env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+        return subprocess.run(
+            ["renderwatch", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def create_key(self, client_id: str) -> str:
+        """A new API key from `renderwatch create-key` (the last line of its output)."""
+        result = self.cli("create-key", client_id)
+        assert result.returncode == 0, result.stderr
+        key = result.stdout.strip().splitlines()[-1]
+        assert key and " " not in key
+        return key
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_url: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningStack]:
+    """api, worker, beat and flower from docker-compose.yml, healthy."""
+    run_id = uuid.uuid4().hex[:10]
+    work = tmp_path_factory.mktemp("stack")
+    api_port, flower_port = free_port(), free_port()
+    env = {
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": redis_url,
+        "CACHE_NAMESPACE": f"e2e-{run_id}",
+        "CELERY_QUEUE": f"e2e-{run_id}",
+        "WORKER_NAME": f"e2e-worker-{run_id}",
+        "BEAT_NAME": f"e2e-beat-{run_id}",
+        "BEAT_SCHEDULE": str(work / "celerybeat-schedule"),
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(api_port),
+        "API_WORKERS": "2",
+        "FLOWER_ADDRESS": "127.0.0.1",
+        "FLOWER_PORT": str(flower_port),
+        "FLOWER_UNAUTHENTICATED_API": "true",
+        "WORKER_CONCURRENCY": "2",
+        "SCENE_SECONDS": "0.05",
+        "STATS_SNAPSHOT_SECONDS": "1",
+        "LOG_LEVEL": "INFO",
+    }
+    stack = Stack(SERVICES, env, log_dir=work / "logs", grace_seconds=15.0)
+    try:
+        try:
+            stack.start()
+            stack.wait_healthy(timeout=HEALTHY_TIMEOUT)
+        except RuntimeError:
+            _dump_logs(stack)
+            raise
+        yield RunningStack(
+            stack=stack,
+            env=env,
+            api_url=f"http://127.0.0.1:{api_port}",
+            flower_url=f"http://127.0.0.1:{flower_port}",
+            worker_node=f"{env['WORKER_NAME']}@{socket.gethostname()}",
+            beat_node=f"{env['BEAT_NAME']}@{socket.gethostname()}",
+        )
+    finally:
+        stack.stop()
+        _drop_namespace(redis_url, env["CACHE_NAMESPACE"], env["CELERY_QUEUE"])
+
+
+def _dump_logs(stack: Stack) -> None:
+    # Printed, so pytest shows it with the setup error: every service, not only the laggard.
+    for name in stack.plan:
+        tail = "\n".join(stack.logs(name).splitlines()[-LOG_TAIL_LINES:])
+        print(f"----- {name} (last lines of its log) -----\n{tail}", file=sys.stderr)
+
+
+def _drop_namespace(redis_url: str, namespace: str, queue: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        keys += [queue.encode(), *client.scan_iter(match=f"*{queue}*", count=1000)]
+        if keys:
+            client.delete(*set(keys))
+    finally:
+        client.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and "stack" in getattr(item, "fixturenames", ()):
+        running = item.funcargs.get("stack") if hasattr(item, "funcargs") else None
+        if isinstance(running, RunningStack):
+            for name in running.stack.plan:
+                lines = running.stack.logs(name).splitlines()[-LOG_TAIL_LINES:]
+                report.sections.append((f"stack log: {name} (last lines)", "\n".join(lines)))
+    return report
