@@ -86,15 +86,39 @@ class RedisBackend:
         results = pipe.execute(raise_on_error=False)
         return list(results[len(deltas) :])
 
-    @staticmethod
     def _translate_response(
-        exc: ResponseError, calls: Sequence[tuple[str, tuple[Any, ...]]]
+        self, exc: ResponseError, calls: Sequence[tuple[str, tuple[Any, ...]]]
     ) -> CacheError:
         if "WRONGTYPE" in str(exc):
-            first = calls[0]
-            key = first[1][1][0] if first[0] == "script" else first[1][0]
-            return CorruptEntry(str(key))
+            return CorruptEntry(self._foreign_key(calls[0]))
         return CacheError(f"ResponseError: {exc}")
+
+    def _foreign_key(self, call: tuple[str, tuple[Any, ...]]) -> str:
+        """The key of `call` holding a value of the wrong type.
+
+        WRONGTYPE does not say which key: a script touches its entry, its lease and the
+        stats hash. Blaming the first key would drop a good entry and keep the foreign
+        value, so every later read would fail again; one TYPE round trip finds the culprit.
+        """
+        if call[0] == "script":
+            name, keys, _ = call[1]
+        else:
+            name, keys = call[0], call[1][:1]
+        hashes = {self.keys.stats()}
+        if name in ("read_list", "fill_list"):
+            hashes.add(str(keys[0]))
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.type(key)
+            types = pipe.execute()
+        except (RedisError, OSError):
+            return str(keys[0])
+        for key, found in zip(keys, types, strict=True):
+            kind = found.decode() if isinstance(found, bytes) else str(found)
+            if kind not in ("none", "hash" if str(key) in hashes else "string"):
+                return str(key)
+        return str(keys[0])
 
     # -- jobs ---------------------------------------------------------------------------
 
