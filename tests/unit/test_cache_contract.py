@@ -594,6 +594,18 @@ class CacheContract:
         counts = h.counts()
         assert (counts["hits"], counts["misses"]) == (1, 1)
 
+    def test_a_wrong_type_at_the_stats_key_does_not_stall_reads(self, h: Harness) -> None:
+        """The scripts count into the stats hash: a foreign value there is the bad entry to
+        drop, not the job key (else every read waits out its own lease, never cached)."""
+        h.client.set(h.keys.stats(), b"not a hash")
+        job = h.new_job()
+        for _ in range(3):
+            got = h.cache.get(job.job_id)
+            assert got is not None and got.view.version == 1
+        assert h.load.call_count == 1, "after the bad stats value was dropped, reads hit"
+        assert h.client.type(h.keys.stats()) in (b"hash", "hash")
+        assert h.cache.get_list(ALICE, "p1", lambda: b"[]") == b"[]"
+
     # -- 7. ownership ---------------------------------------------------------------------------
 
     def test_another_clients_job_is_none_on_a_miss_and_on_a_hit(self, public: Harness) -> None:
