@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import IO, Any, TextIO
 
 import yaml
+from pydantic import ValidationError
 
 from shared.settings import REPO_ROOT, Settings
 
@@ -717,7 +718,11 @@ def up(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to become healthy")
     args = parser.parse_args(argv)
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"renderwatch up: bad settings: {exc}", file=sys.stderr)
+        return 2
     env = settings_environment(settings)
     schedule_dir = REPO_ROOT / "var"
     schedule_dir.mkdir(parents=True, exist_ok=True)
@@ -733,7 +738,8 @@ def up(argv: list[str] | None = None) -> int:
         print(f"renderwatch up: {exc}", file=sys.stderr)
         return 2
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         stack.start()
         stack.wait_healthy(args.timeout)
@@ -753,8 +759,8 @@ def up(argv: list[str] | None = None) -> int:
         try:
             stack.stop()
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:
