@@ -52,6 +52,7 @@ class AsyncJobReader:
     def __init__(self, cache: JobCache, client: AsyncRedis | None) -> None:
         self.cache = cache
         self.client = client if cache.backend is not None else None
+        self._outages_seen = cache.breaker.outages
 
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """Like `JobCache.get`: None when missing or owned by another client."""
@@ -73,6 +74,8 @@ class AsyncJobReader:
                 permit = None
             if permit is None:
                 return await self._from_db(job_id)
+            if cache.breaker.outages != self._outages_seen:
+                await self._drop_idle_connections()
             deltas = cache._pending.take()
             try:
                 code, raw = await self._read(job_id, token, deltas)
@@ -102,6 +105,17 @@ class AsyncJobReader:
                 return await self._from_db(job_id)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    async def _drop_idle_connections(self) -> None:
+        """Forget pooled connections made before an outage (any path may have seen it).
+
+        After Redis restarts, redis.asyncio's pool check does not notice that an idle
+        connection's server is gone: each one failed on first use, and every failure
+        reopened the breaker (one outage per stale connection, seen on SIGKILL + restart).
+        """
+        assert self.client is not None
+        self._outages_seen = self.cache.breaker.outages
+        await self.client.connection_pool.disconnect(inuse_connections=False)
 
     async def _from_db(self, job_id: int) -> CachedJob | None:
         self.cache._pending.add("misses")
