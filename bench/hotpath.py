@@ -9,11 +9,12 @@ reports medians over rounds and the ratios of each round's figures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from math import nan
 from typing import Any
 
 from bench.config import Config
-from bench.procs import Child
+from bench.procs import Child, group_cpu_seconds
 from bench.stack import Api, Client, JobRef, Stack
 from bench.stats import median, ratio
 from bench.wrk import Throughput, throughput
@@ -32,6 +33,7 @@ class Target:
     url: str
     headers: dict[str, str]
     expect: int
+    server: int  # the serving process group, whose CPU time is read around each run
 
 
 def prepare(
@@ -46,11 +48,15 @@ def prepare(
     stack.redis.client().set(key, first.content)
     auth = client.auth
     targets = {
-        "const": Target(f"http://127.0.0.1:{ref_const.port}/const", {}, 200),
-        "redis_passthrough": Target(f"http://127.0.0.1:{ref_redis.port}/redis", {}, 200),
-        "cached_poll": Target(api_on.url(job.path), auth, 200),
-        "uncached_poll": Target(api_off.url(job.path), auth, 200),
-        "conditional_304": Target(api_on.url(job.path), {**auth, "If-None-Match": etag}, 304),
+        "const": Target(f"http://127.0.0.1:{ref_const.port}/const", {}, 200, ref_const.proc.pid),
+        "redis_passthrough": Target(
+            f"http://127.0.0.1:{ref_redis.port}/redis", {}, 200, ref_redis.proc.pid
+        ),
+        "cached_poll": Target(api_on.url(job.path), auth, 200, api_on.child.proc.pid),
+        "uncached_poll": Target(api_off.url(job.path), auth, 200, api_off.child.proc.pid),
+        "conditional_304": Target(
+            api_on.url(job.path), {**auth, "If-None-Match": etag}, 304, api_on.child.proc.pid
+        ),
     }
     for name, target in targets.items():
         status = stack.http.get(target.url, headers=target.headers).status_code
@@ -60,7 +66,9 @@ def prepare(
 
 
 def measure(stack: Stack, cfg: Config, target: Target, *, seconds: float, name: str) -> Throughput:
-    return throughput(
+    """One load run, with the server's CPU time per request (steadier than req/s here)."""
+    cpu_before = group_cpu_seconds(target.server)
+    result = throughput(
         target.url,
         headers=target.headers,
         duration=seconds,
@@ -69,6 +77,8 @@ def measure(stack: Stack, cfg: Config, target: Target, *, seconds: float, name: 
         connections=cfg.wrk_connections,
         threads=cfg.wrk_threads,
     )
+    cpu = group_cpu_seconds(target.server) - cpu_before
+    return replace(result, server_cpu_us=1e6 * cpu / result.requests if result.requests else nan)
 
 
 def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]:
@@ -88,6 +98,7 @@ def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]
             "rps": median([r[name].rps for r in rounds]),
             "p50_ms": median([r[name].p50_ms for r in rounds]),
             "p99_ms": median([r[name].p99_ms for r in rounds]),
+            "server_cpu_us": median([r[name].server_cpu_us for r in rounds]),
             "errors": sum(r[name].errors for r in rounds),
         }
         for name in targets
@@ -104,6 +115,12 @@ def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]
         ),
         "redis_passthrough_vs_const": median(
             [ratio(r["redis_passthrough"].rps, r["const"].rps) for r in rounds]
+        ),
+        "cpu_cached_vs_redis_passthrough": median(
+            [
+                ratio(r["cached_poll"].server_cpu_us, r["redis_passthrough"].server_cpu_us)
+                for r in rounds
+            ]
         ),
         "304_vs_cached": median(
             [ratio(r["conditional_304"].rps, r["cached_poll"].rps) for r in rounds]

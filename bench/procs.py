@@ -248,3 +248,26 @@ def start_together(runs: Sequence[SpecRun], *, lead: float = 0.2, timeout: float
     for run in runs:
         run.go(t0)
     return t0
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every live process of a process group.
+
+    Children are started in their own session, so a server's group is its uvicorn
+    master and workers. CPU per request is steadier than req/s on a shared machine:
+    it does not count the time the server waited for a core.
+    """
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # Fields after the command name (which may hold spaces) start at ")".
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICKS

@@ -257,9 +257,16 @@ def markdown(
         f"{hp['seconds']:.0f} s per endpoint, {hp['rounds']} round(s), endpoints in turn.",
         "",
         *_table(
-            ["endpoint", "req/s", "p50 (ms)", "p99 (ms)", "errors"],
+            ["endpoint", "req/s", "p50 (ms)", "p99 (ms)", "server CPU per request (µs)", "errors"],
             [
-                [LABELS[name], row["rps"], row["p50_ms"], row["p99_ms"], row["errors"]]
+                [
+                    LABELS[name],
+                    row["rps"],
+                    row["p50_ms"],
+                    row["p99_ms"],
+                    row["server_cpu_us"],
+                    row["errors"],
+                ]
                 for name, row in t.items()
             ],
         ),
@@ -272,6 +279,7 @@ def markdown(
                 ["p99 (c) / p99 (b)", r["p99_cached_vs_redis_passthrough"], "≤ 2"],
                 ["req/s (b) / (a)", r["redis_passthrough_vs_const"], ""],
                 ["req/s (e) / (c)", r["304_vs_cached"], ""],
+                ["server CPU per request (c) / (b)", r["cpu_cached_vs_redis_passthrough"], ""],
             ],
         ),
     ]
@@ -378,8 +386,11 @@ def markdown(
         "## 6. Scale",
         "",
         *_table(
-            ["API workers", "(c) req/s", "p99 (ms)"],
-            [[n, row["rps"], row["p99_ms"]] for n, row in sc["workers"].items()],
+            ["API workers", "(c) req/s", "p99 (ms)", "server CPU per request (µs)"],
+            [
+                [n, row["rps"], row["p99_ms"], row["server_cpu_us"]]
+                for n, row in sc["workers"].items()
+            ],
         ),
         "",
         f"Pollers: one job each, polled every {sc['interval_s']:.1f} s, while a writer advances "

@@ -21,7 +21,10 @@ from bench.stats import median
 
 def workers_rps(stack: Stack, cfg: Config, *, apis: dict[int, Api], job: JobRef) -> dict[str, Any]:
     """Median req/s of the cached poll per worker count (instances take turns per round)."""
-    targets = {n: Target(api.url(job.path), job.client.auth, 200) for n, api in apis.items()}
+    targets = {
+        n: Target(api.url(job.path), job.client.auth, 200, api.child.proc.pid)
+        for n, api in apis.items()
+    }
     if cfg.hot_warmup_seconds > 0:
         for n, target in targets.items():
             measure(stack, cfg, target, seconds=cfg.hot_warmup_seconds, name=f"scale-warm-{n}w")
@@ -29,11 +32,14 @@ def workers_rps(stack: Stack, cfg: Config, *, apis: dict[int, Api], job: JobRef)
     for i in range(cfg.scale_rounds):
         for n, target in targets.items():
             result = measure(stack, cfg, target, seconds=cfg.hot_seconds, name=f"scale-{n}w-{i}")
-            runs[n].append({"rps": result.rps, "p99_ms": result.p99_ms})
+            runs[n].append(
+                {"rps": result.rps, "p99_ms": result.p99_ms, "cpu_us": result.server_cpu_us}
+            )
     return {
         str(n): {
             "rps": median([r["rps"] for r in rs]),
             "p99_ms": median([r["p99_ms"] for r in rs]),
+            "server_cpu_us": median([r["cpu_us"] for r in rs]),
         }
         for n, rs in runs.items()
     }

@@ -3,8 +3,8 @@
 Every API instance is a real `python -m api` process (uvicorn, factory mode) on the
 run's private PostgreSQL database; "cache on" instances use the run's private
 redis-server under a private `CACHE_NAMESPACE`, "cache off" ones have `REDIS_URL=""`.
-Each instance gets its own `PROMETHEUS_MULTIPROC_DIR`, so its `/metrics` DB-query
-counter sums every worker process.
+A multi-worker instance gets its own `PROMETHEUS_MULTIPROC_DIR`, so its `/metrics`
+DB-query counter sums every worker process.
 """
 
 from __future__ import annotations
@@ -142,9 +142,7 @@ class Stack:
     def api_env(
         self, *, cache: bool, workers: int, port: int, redis_url: str | None
     ) -> dict[str, str]:
-        metrics_dir = self.workdir / f"prom-{port}"
-        metrics_dir.mkdir(parents=True, exist_ok=True)
-        return base_env(
+        env = base_env(
             DATABASE_URL=self.database_url,
             REDIS_URL=(redis_url or self.redis.url) if cache else "",
             CACHE_NAMESPACE=self.namespace,
@@ -155,8 +153,14 @@ class Stack:
             API_WORKERS=str(workers),
             API_KEY_CACHE_SECONDS=KEY_CACHE_SECONDS,
             LOG_LEVEL="WARNING",
-            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         )
+        if workers > 1:
+            # Only then: /metrics must sum the workers' counters. One worker runs as
+            # deployed by default (in-process counters, no files).
+            metrics_dir = self.workdir / f"prom-{port}"
+            metrics_dir.mkdir(parents=True, exist_ok=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        return env
 
     def launch_api(
         self, name: str, *, cache: bool, workers: int = 1, redis_url: str | None = None

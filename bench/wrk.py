@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ class Throughput:
     requests: int
     errors: int
     tool: str
+    server_cpu_us: float = math.nan  # server CPU time per request, when measured
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
