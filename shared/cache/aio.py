@@ -66,7 +66,7 @@ class AsyncJobReader:
         if self.client is None:
             return await to_thread.run_sync(cache.get, job_id)
         token = secrets.token_hex(8)
-        deadline = time.monotonic() + cache.policy.lease_ms / 1000 + 0.05
+        deadline = time.monotonic() + cache.policy.wait_seconds
         delay = 0.002
         while True:
             permit = cache.breaker.acquire()

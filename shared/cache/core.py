@@ -103,6 +103,15 @@ class CachePolicy:
     finished_ttl_seconds: int = 3_600
     lease_ms: int = 500
     repair_margin_seconds: float = 5.0
+    # Waiters give up on a fill this long after the lease would lapse. The grace must let
+    # one waiter take the lapsed lease and fill (a poll gap, one DB read, a poll gap):
+    # with 50 ms, a filler that died sent every waiter to the database at once.
+    fill_grace_seconds: float = 0.25
+
+    @property
+    def wait_seconds(self) -> float:
+        """How long a reader waits for another reader's fill before reading the database."""
+        return self.lease_ms / 1000 + self.fill_grace_seconds
 
     def ttl_for(self, view: JobView) -> int:
         """Smart TTL: finished jobs never change, so they stay much longer."""
@@ -225,7 +234,7 @@ class JobCache:
 
     def _get(self, job_id: int) -> CachedJob | None:
         token = secrets.token_hex(8)
-        deadline = time.monotonic() + self.policy.lease_ms / 1000 + 0.05
+        deadline = time.monotonic() + self.policy.wait_seconds
         delay = 0.002
         while True:
             try:
