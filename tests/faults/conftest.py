@@ -54,6 +54,7 @@ from tests.conftest import require
 __all__ = [
     "SPAWN",
     "ApiClient",
+    "Client",
     "Deployment",
     "FaultyRedis",
     "HungServer",
