@@ -21,6 +21,7 @@ from api.errors import QueueUnavailable
 from api.metrics import Metrics, RequestMetricsMiddleware
 from shared.apikeys import KeyResolver, lookup_client
 from shared.cache.aio import AsyncJobReader
+from shared.db import run_read
 from shared.queue import create_celery, enqueue_render
 from shared.runtime import Runtime
 from shared.settings import Settings, get_settings, redact_url
@@ -76,8 +77,7 @@ def start_services(
         metrics.count_queries(runtime.engine)
 
         def lookup(key: str) -> str | None:
-            with runtime.sessions() as session:
-                return lookup_client(key, session=session)
+            return run_read(runtime.sessions, lambda session: lookup_client(key, session=session))
 
         keys = KeyResolver(lookup, ttl_seconds=settings.api_key_cache_seconds)
         reader = AsyncJobReader(runtime.cache, async_redis(settings, redis_client))

@@ -6,6 +6,7 @@ swap any of it with `app.dependency_overrides` or the seams of `create_app`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -14,6 +15,7 @@ from anyio import to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from api.errors import body_validation_error, not_authenticated, unsupported_media_type
@@ -23,6 +25,8 @@ from shared.apikeys import KeyResolver
 from shared.cache import JobCache
 from shared.cache.aio import AsyncJobReader
 from shared.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 Enqueue = Callable[[int], str]
 
@@ -67,8 +71,20 @@ async def get_enqueue(services: ServicesDep) -> Enqueue:
 
 def get_session(services: ServicesDep) -> Iterator[Session]:
     """A session for this request (it connects only when first used), closed afterwards."""
-    with services.runtime.sessions() as session:
+    session = services.runtime.sessions()
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except DBAPIError as exc:
+            # The connection died after the route was done with it (PostgreSQL terminated
+            # it while idle in a read transaction): the server has already rolled back and
+            # the pool discards it. Raising here would drop the client's connection with
+            # no answer, since the response has already started.
+            if not exc.connection_invalidated:
+                raise
+            logger.info("database connection lost after the request (%s)", type(exc.orig).__name__)
 
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")

@@ -47,6 +47,7 @@ from api.models import (
 )
 from shared import jobs, snapshots
 from shared.cache import JobCache
+from shared.db import run_read
 from shared.schemas import JobStatus, JobView, ProgressRegression
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ async def get_job(
 def list_jobs(
     client: ClientId,
     cache: CacheDep,
-    session: SessionDep,
+    runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Response:
@@ -206,7 +207,10 @@ def list_jobs(
 
     def load() -> bytes:
         # One row more than asked tells whether another page exists.
-        page = jobs.list_jobs(client, session=session, limit=limit + 1, offset=offset)
+        page = run_read(
+            runtime.sessions,
+            lambda session: jobs.list_jobs(client, session=session, limit=limit + 1, offset=offset),
+        )
         more = len(page) > limit
         return orjson.dumps(
             {
@@ -292,12 +296,15 @@ def cache_stats(cache: CacheDep) -> Response:
     responses=_AUTH_ERRORS,
 )
 def cache_stats_history(
-    session: SessionDep,
+    runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Response:
     """The beat task's snapshots, newest first."""
-    items = snapshots.list_snapshots(session=session, limit=limit, offset=offset)
+    items = run_read(
+        runtime.sessions,
+        lambda session: snapshots.list_snapshots(session=session, limit=limit, offset=offset),
+    )
     return Response(content=orjson.dumps({"items": items}), media_type=JSON)
 
 

@@ -6,14 +6,23 @@ lifespan, Celery `worker_process_init`).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
+logger = logging.getLogger(__name__)
+
 SessionFactory = sessionmaker[Session]
+T = TypeVar("T")
+
+READ_ATTEMPTS = 2
 
 
 def build_engine(database_url: str, *, pool_size: int = 10) -> Engine:
@@ -41,3 +50,26 @@ def _sqlite_pragmas(dbapi_connection: object, _record: ConnectionPoolEntry) -> N
 
 def build_session_factory(engine: Engine) -> SessionFactory:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def run_read(sessions: SessionFactory, work: Callable[[Session], T]) -> T:
+    """Run a read-only `work(session)`; once more on a fresh connection if the first died.
+
+    Pre-ping only protects a connection at checkout: one terminated while a query runs,
+    or while it sits in the read's open transaction, fails that read (the ROLLBACK at
+    close fails too). A read is idempotent, so it is simply run again. Writes are not
+    retried here: their callers decide (the worker's task retries and resumes).
+    """
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            with sessions() as session:
+                return work(session)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == READ_ATTEMPTS:
+                raise
+            # The type only: driver messages may carry connection details.
+            logger.info(
+                "database connection lost during a read (%s): retrying on a fresh one",
+                type(exc.orig).__name__,
+            )
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from shared import jobs
 from shared.cache import CachePolicy, CircuitBreaker, JobCache, KeySpace, configure
-from shared.db import SessionFactory, build_engine, build_session_factory
+from shared.db import SessionFactory, build_engine, build_session_factory, run_read
 from shared.schemas import JobView, ProgressUpdate, UpdateOutcome
 from shared.settings import Settings
 
@@ -50,16 +50,14 @@ def build_cache(
     """The cache with DB loaders; caching off when REDIS_URL is empty or redis is missing."""
 
     def load_job(job_id: int) -> JobView | None:
-        with sessions() as session:
-            return jobs.get_job(job_id, session=session)
+        return run_read(sessions, lambda session: jobs.get_job(job_id, session=session))
 
     def write_progress(job_id: int, update: ProgressUpdate) -> UpdateOutcome | None:
         with sessions() as session:
             return jobs.update_job_progress(job_id, update, session=session)
 
     def recent_jobs(since: datetime) -> list[tuple[int, str]]:
-        with sessions() as session:
-            return jobs.jobs_updated_since(since, session=session)
+        return run_read(sessions, lambda session: jobs.jobs_updated_since(since, session=session))
 
     keys = KeySpace(namespace=settings.key_namespace, job_prefix=settings.job_cache_key_prefix)
     return JobCache(
