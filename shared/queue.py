@@ -53,7 +53,17 @@ def _transport_options(settings: Settings) -> dict[str, object]:
     # visibility_timeout; that transport has no visibility timeout to set anyway.
     if settings.broker_url.startswith("sqla+"):
         return {}
-    return {"visibility_timeout": settings.task_visibility_timeout}
+    timeout = settings.task_visibility_timeout
+    return {
+        "visibility_timeout": timeout,
+        # kombu's Redis transport looks for tasks whose visibility timeout has lapsed (their
+        # worker died) every `interval` s, but scans only on every `throttle`-th look: by
+        # default 10 x 10 = 100 s, which would add up to 100 s to any timeout (20x a short
+        # one). Scan on every look, often enough that a lost task comes back within about
+        # the timeout; a scan is one ZRANGE under a short mutex.
+        "unacked_restore_interval": max(1, min(10, timeout // 5)),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def enqueue_render(app: Celery, job_id: int) -> str:
