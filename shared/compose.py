@@ -724,6 +724,8 @@ def up(argv: list[str] | None = None) -> int:
         print(f"renderwatch up: bad settings: {exc}", file=sys.stderr)
         return 2
     env = settings_environment(settings)
+    # Flower's address is no setting of ours; on a developer's machine it stays on loopback.
+    env["FLOWER_ADDRESS"] = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
     schedule_dir = REPO_ROOT / "var"
     schedule_dir.mkdir(parents=True, exist_ok=True)
     try:
