@@ -467,6 +467,8 @@ class Stack:
 
     def start(self) -> None:
         """Start the planned services in dependency order; one-shot deps run to completion first."""
+        if self._procs:
+            raise RuntimeError("this stack was started already; build a new Stack to rerun it")
         _LIVE_STACKS.add(self)
         for name in self.skipped:
             logger.info("%s: image-only service, not started locally (using the machine's)", name)

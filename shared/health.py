@@ -8,6 +8,9 @@
 - beat: the beat node (`BEAT_NAME@host`, beat runs with `--enable-remote-control`)
   answers a ping over the broker; Celery's beat stops answering once its scheduler
   has not ticked for a while, so a reply means "alive and scheduling".
+- worker and beat over a broker without remote control (the SQL fallback broker of a
+  machine without Redis): the broker answers, and the message says the node was not
+  asked.
 - flower: `GET /healthcheck` on the Flower port answers "OK".
 
 The check runs where the service runs (inside its container, or on the same machine
@@ -88,7 +91,16 @@ def check_flower(settings: Settings) -> tuple[bool, str]:
     return _http_ok("flower", f"http://127.0.0.1:{settings.flower_port}/healthcheck", "OK")
 
 
-def _over_broker(settings: Settings, what: str, call: Callable[[Celery, Connection], T]) -> T | str:
+class _NoRemoteControl:
+    """The broker answers but its transport has no fanout (the SQL fallback broker)."""
+
+
+NO_REMOTE_CONTROL = _NoRemoteControl()
+
+
+def _over_broker(
+    settings: Settings, what: str, call: Callable[[Celery, Connection], T]
+) -> T | str | _NoRemoteControl:
     """`call(app, connection)` once the broker answers; a message string if it does not."""
     from kombu.exceptions import OperationalError
 
@@ -99,11 +111,23 @@ def _over_broker(settings: Settings, what: str, call: Callable[[Celery, Connecti
         with app.connection_for_write() as conn:
             # Fail fast: a healthcheck must answer within its own timeout, not retry forever.
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT_SECONDS)
+            if not conn.supports_exchange_type("fanout"):
+                return NO_REMOTE_CONTROL
             return call(app, conn)
     except (OperationalError, OSError) as exc:
         return f"{what}: broker unreachable ({type(exc).__name__})"
     finally:
         app.close()
+
+
+def _unaskable(what: str, target: str) -> str:
+    # Without Redis the broker may be the SQL fallback, which carries no remote control:
+    # the best this check can say is that the broker answers (the local runner also
+    # watches the process itself). Docker's stack always has Redis as its broker.
+    return (
+        f"{what}: broker reachable, but its transport has no remote control, so {target} "
+        "was not asked (use Redis or RabbitMQ as CELERY_BROKER_URL for a full check)"
+    )
 
 
 def check_worker(settings: Settings, names: NodeNames | None = None) -> tuple[bool, str]:
@@ -119,6 +143,8 @@ def check_worker(settings: Settings, names: NodeNames | None = None) -> tuple[bo
     replies = _over_broker(settings, "worker", active_queues)
     if isinstance(replies, str):
         return False, replies
+    if isinstance(replies, _NoRemoteControl):
+        return True, _unaskable("worker", target)
     if target not in replies:
         return False, f"worker: {target} did not answer"
     queues = {q.get("name") for q in replies[target] or [] if isinstance(q, dict)}
@@ -140,6 +166,8 @@ def check_beat(settings: Settings, names: NodeNames | None = None) -> tuple[bool
     replies = _over_broker(settings, "beat", ping)
     if isinstance(replies, str):
         return False, replies
+    if isinstance(replies, _NoRemoteControl):
+        return True, _unaskable("beat", target)
     answered = {name for reply in replies if isinstance(reply, dict) for name in reply}
     if target not in answered:
         return False, f"beat: {target} did not answer (not running, or its scheduler stalled)"

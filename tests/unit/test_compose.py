@@ -721,6 +721,19 @@ def test_celery_checks_fail_fast_without_leaking_the_broker_password(
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("service", ["worker", "beat"])
+def test_a_broker_without_remote_control_is_reported_not_pretended(
+    service: str, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    # The SQL fallback broker (no Redis on the machine) carries no pings: the check can
+    # only vouch for the broker, and says so.
+    settings = make_settings(celery_broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    ok, detail = health.check_service(service, settings)
+    assert ok
+    assert "no remote control" in detail and "not asked" in detail
+
+
 def test_unknown_services_are_unhealthy(make_settings: Callable[..., Settings]) -> None:
     ok, detail = health.check_service("postgres", make_settings())
     assert not ok and "unknown service 'postgres'" in detail
