@@ -192,7 +192,14 @@ def check_service(name: str, settings: Settings) -> tuple[bool, str]:
 
 def main(name: str) -> int:
     """`renderwatch healthcheck NAME`: print the reason, exit 0 when healthy, 1 when not."""
-    ok, detail = check_service(name, Settings())
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"{name}: bad settings: {exc}", file=sys.stderr)
+        return 1
+    ok, detail = check_service(name, settings)
     print(detail, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
