@@ -11,6 +11,7 @@ once per outage at WARNING; recovery at INFO.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import threading
 import time
@@ -94,11 +95,28 @@ class CircuitBreaker:
             if newly_open:
                 self.outages += 1
         if newly_open:
+            # No exception text and no traceback: Redis client messages name the host
+            # and port, and DESIGN allows no connection detail in logs. The cause's type
+            # and errno say what happened; DEBUG has the full story for a developer.
             logger.warning(
-                "%s unavailable (%s: %s): serving from the database, retrying every %.1fs",
+                "%s unavailable (%s): serving from the database, retrying every %.1fs",
                 self._name,
-                type(exc).__name__,
-                exc,
+                describe(exc),
                 self._reset,
-                exc_info=exc,
             )
+            logger.debug("%s failure detail", self._name, exc_info=exc)
+
+
+def describe(exc: BaseException) -> str:
+    """A log-safe account of a failure: exception types and errno names, never messages."""
+    chain: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        label = type(current).__name__
+        if isinstance(current, OSError) and current.errno in errno.errorcode:
+            label += f" {errno.errorcode[current.errno]}"
+        chain.append(label)
+        current = current.__cause__ or current.__context__
+    return " <- ".join(chain)
