@@ -95,16 +95,15 @@ class CircuitBreaker:
             if newly_open:
                 self.outages += 1
         if newly_open:
-            # No exception text and no traceback: Redis client messages name the host
-            # and port, and DESIGN allows no connection detail in logs. The cause's type
-            # and errno say what happened; DEBUG has the full story for a developer.
+            # No exception text and no traceback, at any level: Redis client messages
+            # name the host and port, and DESIGN allows no connection detail in logs.
+            # The exception chain's types and errno say what happened.
             logger.warning(
                 "%s unavailable (%s): serving from the database, retrying every %.1fs",
                 self._name,
                 describe(exc),
                 self._reset,
             )
-            logger.debug("%s failure detail", self._name, exc_info=exc)
 
 
 def describe(exc: BaseException) -> str:
