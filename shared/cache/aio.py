@@ -30,8 +30,11 @@ from shared.cache.backend import _SHAS as SCRIPT_SHAS
 from shared.cache.breaker import Permit
 from shared.cache.core import CachedJob, JobCache
 from shared.cache.errors import CacheError, CorruptEntry
+from shared.cache.seal import Sealer
 
 logger = logging.getLogger("shared.cache.redis_cache")
+
+READ_JOB_KEYS = 4  # entry, lease, stats, seal
 
 
 def connect_async(url: str, *, socket_timeout: float) -> AsyncRedis:
@@ -52,6 +55,7 @@ class AsyncJobReader:
     def __init__(self, cache: JobCache, client: AsyncRedis | None) -> None:
         self.cache = cache
         self.client = client if cache.backend is not None else None
+        self.sealer = cache.backend.sealer if cache.backend is not None else Sealer()
         self._outages_seen = cache.breaker.outages
 
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
@@ -78,9 +82,9 @@ class AsyncJobReader:
                 await self._drop_idle_connections()
             deltas = cache._pending.take()
             try:
-                code, raw = await self._read(job_id, token, deltas)
+                code, raw, seal = await self._read(job_id, token, deltas)
             except CorruptEntry as corrupt:
-                cache._pending.restore(deltas)
+                # `_read` put back whatever deltas did not land; none may count twice.
                 await to_thread.run_sync(
                     partial(cache._drop_corrupt, corrupt.key, counted_hit=False)
                 )
@@ -92,7 +96,8 @@ class AsyncJobReader:
                 return await self._from_db(job_id)
             cache.breaker.success()
             if code == 0 and raw is not None:
-                cached = cache._decode(job_id, raw)
+                sealed = self.sealer.verify(cache.keys.job(job_id), raw, seal)
+                cached = cache._decode(job_id, raw) if sealed else None
                 if cached is not None:
                     return cached
                 await to_thread.run_sync(
@@ -123,51 +128,66 @@ class AsyncJobReader:
 
     async def _read(
         self, job_id: int, token: str, deltas: Mapping[str, int]
-    ) -> tuple[int, bytes | None]:
+    ) -> tuple[int, bytes | None, bytes | None]:
+        """(code, value, seal) of the READ_JOB script (see `backend.RedisBackend.read_job`)."""
         assert self.client is not None
         keys = self.cache.keys
         args = (
             keys.job(job_id),
             keys.lease(job_id),
             keys.stats(),
+            keys.seal(job_id),
             token,
             self.cache.policy.lease_ms,
         )
+        landed = True
         try:
             if deltas:
-                reply = await self._read_with_deltas(args, deltas)
+                reply, landed = await self._read_with_deltas(args, deltas)
+                if isinstance(reply, Exception):
+                    raise reply
             else:
                 reply = await self._evalsha(args)
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
-                raise CorruptEntry(keys.job(job_id)) from exc
+                if not landed:
+                    self.cache._pending.restore(deltas)
+                # The script also touches the stats hash and the seal: blaming the entry
+                # would drop a good value and meet the foreign one again on every poll.
+                backend = self.cache.backend
+                assert backend is not None
+                culprit = await to_thread.run_sync(backend.read_job_culprit, job_id)
+                raise CorruptEntry(culprit) from exc
             raise CacheError(f"ResponseError: {exc}") from exc
         except (TimeoutError, RedisError, OSError) as exc:
             raise CacheError(f"{type(exc).__name__}: {exc}") from exc
         code = int(reply[0])
-        return code, (reply[1] if code == 0 else None)
+        return (0, reply[1], reply[2]) if code == 0 else (code, None, None)
 
     async def _evalsha(self, args: tuple[Any, ...]) -> Any:
         assert self.client is not None
         try:
-            return await self.client.evalsha(SCRIPT_SHAS["read_job"], 3, *args)
+            return await self.client.evalsha(SCRIPT_SHAS["read_job"], READ_JOB_KEYS, *args)
         except NoScriptError:
             await self.client.script_load(scripts.READ_JOB)
-            return await self.client.evalsha(SCRIPT_SHAS["read_job"], 3, *args)
+            return await self.client.evalsha(SCRIPT_SHAS["read_job"], READ_JOB_KEYS, *args)
 
-    async def _read_with_deltas(self, args: tuple[Any, ...], deltas: Mapping[str, int]) -> Any:
+    async def _read_with_deltas(
+        self, args: tuple[Any, ...], deltas: Mapping[str, int]
+    ) -> tuple[Any, bool]:
+        """The script's reply (an exception object if it failed), and whether the
+        statistics deltas sent ahead of it in the same pipeline landed."""
         assert self.client is not None
         async with self.client.pipeline(transaction=False) as pipe:
             for field, amount in deltas.items():
                 pipe.hincrby(self.cache.keys.stats(), field, amount)
-            pipe.evalsha(SCRIPT_SHAS["read_job"], 3, *args)
+            pipe.evalsha(SCRIPT_SHAS["read_job"], READ_JOB_KEYS, *args)
             results = await pipe.execute(raise_on_error=False)
+        landed = not any(isinstance(r, Exception) for r in results[:-1])
         reply = results[-1]
         if isinstance(reply, NoScriptError):
-            return await self._evalsha(args)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+            return await self._evalsha(args), landed
+        return reply, landed
 
     async def close(self) -> None:
         if self.client is not None:

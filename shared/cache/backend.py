@@ -19,6 +19,7 @@ from redis.retry import Retry
 from shared.cache import scripts
 from shared.cache.errors import CacheError, CorruptEntry
 from shared.cache.keys import KeySpace
+from shared.cache.seal import Sealer, page_key
 
 _SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in scripts.ALL.items()}  # noqa: S324
 
@@ -38,9 +39,10 @@ def connect(url: str, *, socket_timeout: float) -> redis.Redis:
 class RedisBackend:
     """Cache operations on one Redis (a client is handed in: tests pass fakeredis)."""
 
-    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+    def __init__(self, client: redis.Redis, keys: KeySpace, sealer: Sealer | None = None) -> None:
         self.client = client
         self.keys = keys
+        self.sealer = sealer or Sealer()
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -125,12 +127,26 @@ class RedisBackend:
     def read_job(
         self, job_id: int, token: str, lease_ms: int, deltas: Mapping[str, int]
     ) -> tuple[int, bytes | None]:
-        """(0, value) hit · (1, None) miss with the lease · (2, None) miss, another fills."""
+        """(0, value) hit · (1, None) miss with the lease · (2, None) miss, another fills.
+
+        A value whose seal does not verify was not written here by us: `CorruptEntry`
+        (Redis counted it as a hit).
+        """
         k = self.keys
-        keys = (k.job(job_id), k.lease(job_id), k.stats())
+        keys = (k.job(job_id), k.lease(job_id), k.stats(), k.seal(job_id))
         (reply,) = self._run([("script", ("read_job", keys, (token, lease_ms)))], deltas)
         code = int(reply[0])
-        return code, (reply[1] if code == 0 else None)
+        if code != 0:
+            return code, None
+        if not self.sealer.verify(keys[0], reply[1], reply[2]):
+            raise CorruptEntry(keys[0], counted_hit=True)
+        return 0, reply[1]
+
+    def read_job_culprit(self, job_id: int) -> str:
+        """After WRONGTYPE from `read_job` elsewhere (the async reader): the guilty key."""
+        k = self.keys
+        keys = (k.job(job_id), k.lease(job_id), k.stats(), k.seal(job_id))
+        return self._foreign_key(("script", ("read_job", keys, ())))
 
     def fill_job(
         self,
@@ -142,9 +158,10 @@ class RedisBackend:
         deltas: Mapping[str, int],
     ) -> bool:
         """Fill under our lease with a versioned compare-and-set; False when refused."""
-        keys = (self.keys.job(job_id), self.keys.lease(job_id))
+        keys = (self.keys.job(job_id), self.keys.lease(job_id), self.keys.seal(job_id))
+        seal = self.sealer.seal(keys[0], value)
         (stored,) = self._run(
-            [("script", ("set_if_newer", keys, (version, value, ttl, token)))], deltas
+            [("script", ("set_if_newer", keys, (version, value, ttl, token, seal)))], deltas
         )
         return bool(stored)
 
@@ -162,10 +179,11 @@ class RedisBackend:
     ) -> bool:
         """Pre-warm (versioned), drop the owner's lists, publish: one round trip."""
         k = self.keys
-        keys = (k.job(job_id), k.lease(job_id))
+        keys = (k.job(job_id), k.lease(job_id), k.seal(job_id))
+        seal = self.sealer.seal(keys[0], value)
         stored, _, _ = self._run(
             [
-                ("script", ("set_if_newer", keys, (version, value, ttl, ""))),
+                ("script", ("set_if_newer", keys, (version, value, ttl, "", seal))),
                 ("DEL", (k.jobs(client_id),)),
                 ("PUBLISH", (k.channel(job_id), value)),
             ],
@@ -188,13 +206,18 @@ class RedisBackend:
         keys = (self.keys.jobs(client_id), self.keys.stats())
         (reply,) = self._run([("script", ("read_list", keys, (page, epoch, ttl)))], deltas)
         current = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        return current, (reply[1] if len(reply) > 1 else None)
+        if len(reply) < 2:
+            return current, None
+        if not self.sealer.verify(page_key(keys[0], page), reply[1], reply[2]):
+            raise CorruptEntry(keys[0], counted_hit=True)
+        return current, reply[1]
 
     def fill_list(
         self, client_id: str, epoch: str, page: str, value: bytes, deltas: Mapping[str, int]
     ) -> bool:
         keys = (self.keys.jobs(client_id),)
-        (stored,) = self._run([("script", ("fill_list", keys, (epoch, page, value)))], deltas)
+        seal = self.sealer.seal(page_key(keys[0], page), value)
+        (stored,) = self._run([("script", ("fill_list", keys, (epoch, page, value, seal)))], deltas)
         return bool(stored)
 
     # -- statistics and health ------------------------------------------------------------

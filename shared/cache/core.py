@@ -2,9 +2,10 @@
 
 Reads: cache first; on a miss one reader per key takes a short fill lease, loads the
 row and fills with a versioned compare-and-set; the others wait briefly and are
-served from cache (no stampede, no stale fill). A hit is checked for schema, job id
-and owner before it is served; a bad entry is deleted, counted as an error and the
-read goes to the database.
+served from cache (no stampede, no stale fill). A hit is checked for its seal (a keyed
+MAC proving this cache wrote it at this key, `shared.cache.seal`), schema, job id and
+owner before it is served; a bad entry is deleted, counted as an error and the read
+goes to the database.
 
 Writes: the database first (one transaction, version + 1), then one Redis round trip
 pre-warms the entry with the new version, drops the owner's cached lists and
@@ -35,6 +36,7 @@ from pydantic import ValidationError
 from shared.cache.breaker import CircuitBreaker, Permit
 from shared.cache.errors import CacheError, CorruptEntry
 from shared.cache.keys import KeySpace
+from shared.cache.seal import Sealer
 from shared.cache.stats import PendingCounts, statistics_object
 from shared.schemas import JobView, ProgressUpdate, UpdateOutcome
 
@@ -50,12 +52,15 @@ RecentLoader = Callable[[datetime], list[tuple[int, str]]]
 class Backend(Protocol):
     """What `JobCache` needs from a backend (`backend.RedisBackend`)."""
 
+    sealer: Sealer
+
     def read_job(
         self, job_id: int, token: str, lease_ms: int, deltas: dict[str, int]
     ) -> tuple[int, bytes | None]: ...
     def fill_job(
         self, job_id: int, token: str, version: int, value: bytes, ttl: int, deltas: dict[str, int]
     ) -> bool: ...
+    def read_job_culprit(self, job_id: int) -> str: ...
     def release_lease(self, job_id: int, token: str, deltas: dict[str, int]) -> None: ...
     def publish_job(
         self,
@@ -240,7 +245,7 @@ class JobCache:
             try:
                 reply = self._call(lambda b, d: b.read_job(job_id, token, self.policy.lease_ms, d))
             except CorruptEntry as exc:
-                self._drop_corrupt(exc.key, counted_hit=False)
+                self._drop_corrupt(exc.key, counted_hit=exc.counted_hit)
                 continue
             if isinstance(reply, _Unavailable):
                 self._pending.add("misses")
@@ -311,7 +316,7 @@ class JobCache:
                 lambda b, d: b.read_list(client_id, page, epoch, self.policy.ttl_seconds, d)
             )
         except CorruptEntry as exc:
-            self._drop_corrupt(exc.key, counted_hit=False)
+            self._drop_corrupt(exc.key, counted_hit=exc.counted_hit)
             self._pending.add("misses")
             return load()
         if isinstance(reply, _Unavailable):

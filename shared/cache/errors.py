@@ -16,6 +16,8 @@ class CacheError(Exception):
 class CorruptEntry(CacheError):
     """A key holds something that is not a cache value of ours (e.g. WRONGTYPE)."""
 
-    def __init__(self, key: str) -> None:
-        super().__init__("a cache key holds a value of the wrong type")
+    def __init__(self, key: str, *, counted_hit: bool = False) -> None:
+        super().__init__("a cache key holds a value that is not ours")
         self.key = key
+        # True when Redis counted the read as a hit (a value was there, its seal was bad).
+        self.counted_hit = counted_hit

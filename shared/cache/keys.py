@@ -20,6 +20,10 @@ class KeySpace:
         """The fill lease of a job entry (same hash tag as the entry)."""
         return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:lease"
 
+    def seal(self, job_id: int) -> str:
+        """The seal (keyed MAC, `shared.cache.seal`) of the job entry (same hash tag)."""
+        return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:seal"
+
     def channel(self, job_id: int) -> str:
         """Pub/sub channel carrying every new version of a job."""
         return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:events"
