@@ -170,7 +170,13 @@ def _next_state(row: Job, upd: ProgressUpdate) -> dict[str, object] | None:
         raise InvalidProgress("status", "a queued job cannot be past the queued stage")
     new_rank = (status.rank, stage.rank, scenes)
     old_rank = (cur_status.rank, cur_stage.rank, row.scenes_completed)
-    if new_rank <= old_rank:
+    if new_rank == old_rank:
+        # Same progress, other details: error and result_url travel with a progress step.
+        changed = next(key for key in ("error", "result_url") if new[key] != old[key])
+        raise ProgressRegression(
+            changed, f"can only change together with progress (job {row.id} did not advance)"
+        )
+    if new_rank < old_rank:
         field = (
             "status"
             if status.rank != cur_status.rank

@@ -98,6 +98,18 @@ class JobsContract:
             count = session.scalar(select(func.count()).where(Job.client_id == client))
         assert count == 0
 
+    @pytest.mark.parametrize("field", ["error", "result_url"])
+    def test_a_detail_without_progress_is_refused_naming_that_detail(
+        self, sessions: SessionFactory, client: str, field: str
+    ):
+        job_id = self.create(sessions, client)
+        self.update(sessions, job_id, {"current_stage": "rendering", "scenes_completed": 2})
+        before = self.row(sessions, job_id)
+        with pytest.raises(ProgressRegression) as info:
+            self.update(sessions, job_id, {field: "something"})
+        assert info.value.field == field
+        assert self.row(sessions, job_id) == before
+
     def test_an_unknown_job_is_none(self, sessions: SessionFactory):
         with sessions() as session:
             assert jobs.get_job(2_000_000_000, session=session) is None
