@@ -17,8 +17,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from starlette.requests import ClientDisconnect
 
-from api.errors import body_validation_error, not_authenticated, unsupported_media_type
+from api.errors import (
+    body_incomplete,
+    body_validation_error,
+    not_authenticated,
+    unsupported_media_type,
+)
 from api.metrics import Metrics
 from api.models import JobCreate
 from shared.apikeys import KeyResolver
@@ -116,7 +122,13 @@ async def job_create_body(request: Request) -> JobCreate:
     if media_type != "application/json":
         raise unsupported_media_type()
     # The body limit (api.errors.BodyLimitMiddleware) turns an oversized body into a 413 here.
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        # The client hung up before sending the body it announced: a client error. Left
+        # alone it would be an "Exception in ASGI application" traceback and a 500 in the
+        # request metrics, for an answer nobody is left to read.
+        raise body_incomplete() from None
     try:
         return JobCreate.model_validate_json(raw)
     except ValidationError as exc:

@@ -1,7 +1,7 @@
 """HTTP errors of the API and the handlers that shape them.
 
 QueueUnavailable          the job queue (Celery broker) refused a task → 503
-HTTPException             401 / 404 / 409 / 413 / 415 built by the helpers below
+HTTPException             400 / 401 / 404 / 409 / 413 / 415 built by the helpers below
 RequestValidationError    422, one entry per invalid field, never echoing the input
 """
 
@@ -66,6 +66,14 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content=jsonable_encoder({"detail": detail}),
+    )
+
+
+def body_incomplete() -> HTTPException:
+    """400 for a body cut short: the client disconnected before sending all of it."""
+    return HTTPException(
+        status_code=status.HTTP_400_BAD_REQUEST,
+        detail="request body incomplete: the client disconnected before sending all of it",
     )
 
 
