@@ -25,7 +25,7 @@ T = TypeVar("T")
 READ_ATTEMPTS = 2
 
 
-def build_engine(database_url: str, *, pool_size: int = 10) -> Engine:
+def build_engine(database_url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
     """An engine with pre-ping (a terminated PostgreSQL backend costs one retry, not a 500)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
@@ -35,7 +35,7 @@ def build_engine(database_url: str, *, pool_size: int = 10) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(
-        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=20, pool_recycle=1_800
+        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1_800
     )
 
 

@@ -32,7 +32,11 @@ class Runtime:
 
     @classmethod
     def start(cls, settings: Settings, *, redis_client: Any = None) -> Runtime:
-        engine = build_engine(settings.database_url)
+        engine = build_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
         sessions = build_session_factory(engine)
         cache = build_cache(settings, sessions, redis_client=redis_client)
         configure(cache)

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     database_url: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    db_pool_size: int = Field(default=5, ge=1, le=200)
+    db_max_overflow: int = Field(default=10, ge=0, le=500)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
     celery_broker_url: str = ""

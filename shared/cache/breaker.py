@@ -114,7 +114,11 @@ def describe(exc: BaseException) -> str:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         label = type(current).__name__
-        if isinstance(current, OSError) and current.errno in errno.errorcode:
+        if (
+            isinstance(current, OSError)
+            and current.errno is not None
+            and current.errno in errno.errorcode
+        ):
             label += f" {errno.errorcode[current.errno]}"
         chain.append(label)
         current = current.__cause__ or current.__context__
