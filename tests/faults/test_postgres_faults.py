@@ -335,7 +335,11 @@ def test_worker_progress_writes_are_retried_when_connections_are_terminated(
     assert versions == sorted(set(versions)), (
         "a version was published twice or out of order: "
         f"{[(v['version'], v['progress']['current_stage'], v['progress']['scenes_completed']) for v in published]}\n"
-        + "\n".join(line for line in log.splitlines() if "WARNING" in line or "retry" in line)
+        + "\n".join(
+            line
+            for line in log.splitlines()
+            if "WARN" in line or "retry" in line or "resum" in line or "ERROR" in line
+        )
     )
 
 
