@@ -372,9 +372,12 @@ def test_two_hundred_cold_polls_across_api_processes_cost_one_db_read(
             firing = Firing(urls, alice.headers)
             # The filler is stuck in PostgreSQL; everybody else keeps asking Redis.
             procs.wait_until(lambda: waiting_on_lock(url) >= 1, timeout=20, what="the filler")
+            # ...until every reader has asked at least once (or, were the lease broken,
+            # several readers are stuck in the database beside the filler).
             procs.wait_until(
                 lambda: (
                     faulty_redis.command_calls("evalsha") - evalsha_before >= 3 * STAMPEDE_READERS
+                    or waiting_on_lock(url) > 1
                 ),
                 timeout=20,
                 what="the readers to wait on the lease",
