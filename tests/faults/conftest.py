@@ -65,6 +65,7 @@ __all__ = [
     "burst",
     "free_port",
     "join_all",
+    "polling_load",
     "summarize",
 ]
 
@@ -507,6 +508,13 @@ def burst(base_url: str, path: str, headers: Mapping[str, str], count: int = 16)
     for thread in threads:
         thread.join(30)
     return statuses
+
+
+def polling_load(
+    base_url: str, path: str, headers: Mapping[str, str], *, clients: int = 4, **options: Any
+) -> PollingLoad:
+    """`with polling_load(url, "/api/v2/jobs/7", client.headers) as load: ...` (threads)."""
+    return PollingLoad(base_url, path, headers, clients=clients, **options)
 
 
 def between(polls: Sequence[Poll], start: float, end: float = float("inf")) -> list[Poll]:
