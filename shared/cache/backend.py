@@ -51,16 +51,21 @@ class RedisBackend:
     ) -> list[Any]:
         """Run commands (and `("script", name, ...)` calls) in one pipelined round trip.
 
-        A Redis restart forgets scripts: on NOSCRIPT they are loaded and the calls re-run
-        once (each call here is idempotent apart from statistics, which ride only once).
+        A Redis restart forgets scripts: on NOSCRIPT they are loaded and the calls that
+        failed re-run once. Only those: the others already ran in the same round trip, and
+        one of them may be a PUBLISH, which every subscriber would otherwise get twice.
+        Statistics deltas ride only once too.
         """
         try:
             results = self._pipeline(calls, deltas)
-            if any(isinstance(r, NoScriptError) for r in results):
+            missed = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missed:
                 for name, source in scripts.ALL.items():
                     if _SHAS[name] != self.client.script_load(source):
                         raise CacheError("Redis computed a different script digest")
-                results = self._pipeline(calls, {})
+                again = self._pipeline([calls[i] for i in missed], {})
+                for i, result in zip(missed, again, strict=True):
+                    results[i] = result
         except ResponseError as exc:
             raise self._translate_response(exc, calls) from exc
         except (RedisError, OSError) as exc:
