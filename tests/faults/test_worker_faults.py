@@ -265,6 +265,44 @@ def test_the_same_progress_update_applied_twice_changes_nothing_the_second_time(
 
 
 @pytest.mark.timeout(60)
+def test_each_version_is_published_once_even_when_redis_has_forgotten_its_scripts(
+    pg_url, make_settings, tmp_path, record_figures
+):
+    """A restarted (or SCRIPT FLUSHed) Redis answers the pre-warm NOSCRIPT while the
+    PUBLISH beside it in the same round trip has already gone out: reloading the scripts
+    must re-run only what failed, or every subscriber sees that version twice."""
+    require("redis-server (binary)", procs.redis_server_binary() is not None)
+    with procs.private_redis(tmp_path) as url:  # private: flushing the shared one hurts others
+        settings = make_settings(database_url=pg_url, redis_url=url, log_level="INFO")
+        runtime = Runtime.start(settings)
+        client = redis.Redis.from_url(url)
+        try:
+            with runtime.sessions() as session:
+                job_id = jobs.create_job(
+                    session=session, client_id="faults@test", prompt="a fox", scenes_total=3
+                ).job_id
+            watch = Watch(client, runtime.cache.keys.channel(job_id))
+            # A fresh server knows no script yet; later, SCRIPT FLUSH forgets them again.
+            assert update_job_progress_with_cache(job_id, {"current_stage": "scripting"})
+            client.script_flush()
+            assert update_job_progress_with_cache(job_id, {"current_stage": "storyboard"})
+            published = [(v["version"], step_of(v)) for v in watch.drain()]
+            cached = get_job_with_cache(job_id)
+            watch.pubsub.close()
+        finally:
+            client.close()
+            runtime.close()
+    record_figures(
+        scenario=4,
+        fault="Redis forgot its scripts (fresh server, SCRIPT FLUSH) at a publication",
+        updates=2,
+        publications=len(published),
+    )
+    assert published == [(2, ("scripting", 0)), (3, ("storyboard", 0))]
+    assert cached is not None and cached["version"] == 3
+
+
+@pytest.mark.timeout(60)
 def test_racing_copies_of_every_report_never_move_the_job_backwards(stack, record_figures):
     """Six threads replay a whole render's reports at once, like six deliveries of a task."""
     scenes = 10
