@@ -186,6 +186,19 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _fallbacks(result: dict[str, Any]) -> list[str]:
+    """A note when a cache-on API fell back to the database during a section."""
+    opened = {k: v for k, v in result.get("breaker_openings", {}).items() if v}
+    if not opened:
+        return []
+    which = ", ".join(f"{name}: {count} times" for name, count in sorted(opened.items()))
+    return [
+        "",
+        f"**Note:** the cache's breaker opened during this section ({which}): some "
+        "requests were served from the database although Redis was never broken on purpose.",
+    ]
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
@@ -246,6 +259,7 @@ def markdown(
         ["", "cache off", "cache on", "original promise"],
         [[label, off[k], on[k], _ORIGINAL.get(k, "")] for label, k in rows],
     )
+    out += _fallbacks(poll)
     t = hot["table"]
     r = hot["ratios"]
     hp = hot["params"]
@@ -283,6 +297,7 @@ def markdown(
             ],
         ),
     ]
+    out += _fallbacks(hot)
     s = results["stampede"]
     out += [
         "",
@@ -307,6 +322,7 @@ def markdown(
             ],
         ),
     ]
+    out += _fallbacks(s)
     w = results["writepath"]
     cmds = ", ".join(
         f"{name} {count:.2f}" for name, count in sorted(w["redis_commands_per_update"].items())
@@ -415,6 +431,7 @@ def markdown(
                 for pt in sc["db_line"]
             ],
         ),
+        *_fallbacks(sc),
         "",
         "## Machine",
         "",

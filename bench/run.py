@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,25 @@ RUN_MARKER = "RW_BENCH_RUN"
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def section(stack: Stack, name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one section; note how often each cache-on API's breaker opened during it.
+
+    Nothing in sections 1-4 and 6 breaks Redis on purpose: an opening there means the
+    cache fell back to the database (a timeout on an overloaded machine, or a bug).
+    """
+    log(name)
+    apis = [api for api in stack.apis if api.cache]
+    before = {api.name: api.breaker_openings() for api in apis}
+    result = measure()
+    result["breaker_openings"] = {
+        api.name: api.breaker_openings() - before[api.name] for api in apis if api.name in before
+    }
+    opened = {k: v for k, v in result["breaker_openings"].items() if v}
+    if opened:
+        log(f"  the cache fell back to the database during this section: {opened}")
+    return result
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -73,10 +93,11 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 assert ref.port is not None
                 wait_port(ref, ref.port)
 
-            log(f"1. polling scenario ({cfg.poll_rounds} round(s) per column)")
-            results["poll"] = poll.run(stack, cfg, api_off=api_off, api_on=api_on)
-
-            log("2. hot path")
+            results["poll"] = section(
+                stack,
+                f"1. polling scenario ({cfg.poll_rounds} round(s) per column)",
+                lambda: poll.run(stack, cfg, api_off=api_off, api_on=api_on),
+            )
             job, targets = hotpath.prepare(
                 stack,
                 api_on=api_on,
@@ -85,29 +106,34 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 ref_redis=ref_redis,
                 key=REFERENCE_KEY,
             )
-            results["hotpath"] = hotpath.run(stack, cfg, targets)
-
-            log("3. stampede")
-            results["stampede"] = stampede.run(stack, cfg, api_on=api_on, job=job)
-
-            log("4. write path")
-            results["writepath"] = writepath.run(stack, cfg)
-
-            log("5. Redis outage (private redis-server paused; hung TCP server)")
-            owner = stack.clients[:1]
-            refs = stack.make_jobs(8, scenes=5, clients=owner)
-            results["outage"] = outage.run(
-                stack, cfg, api_on=api_on, api_off=api_off, api_hung=api_hung, refs=refs
+            results["hotpath"] = section(
+                stack, "2. hot path", lambda: hotpath.run(stack, cfg, targets)
             )
-            group.stop(api_hung.child)
-
-            log("6. scale")
-            results["scale"] = {
-                "workers": scale.workers_rps(stack, cfg, apis=apis, job=job),
-                "db_line": scale.db_line(stack, cfg, api_on=api_on, api_off=api_off),
-                "interval_s": cfg.scale_interval,
-                "write_rate": cfg.scale_write_rate,
-            }
+            results["stampede"] = section(
+                stack, "3. stampede", lambda: stampede.run(stack, cfg, api_on=api_on, job=job)
+            )
+            results["writepath"] = section(
+                stack, "4. write path", lambda: writepath.run(stack, cfg)
+            )
+            refs = stack.make_jobs(8, scenes=5, clients=stack.clients[:1])
+            results["outage"] = section(
+                stack,
+                "5. Redis outage (private redis-server paused; hung TCP server)",
+                lambda: outage.run(
+                    stack, cfg, api_on=api_on, api_off=api_off, api_hung=api_hung, refs=refs
+                ),
+            )
+            stack.stop_api(api_hung)
+            results["scale"] = section(
+                stack,
+                "6. scale",
+                lambda: {
+                    "workers": scale.workers_rps(stack, cfg, apis=apis, job=job),
+                    "db_line": scale.db_line(stack, cfg, api_on=api_on, api_off=api_off),
+                    "interval_s": cfg.scale_interval,
+                    "write_rate": cfg.scale_write_rate,
+                },
+            )
             for n, api in apis.items():
                 if n != 1:
                     stack.stop_api(api)

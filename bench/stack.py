@@ -30,6 +30,7 @@ API_PREFIX = "/api/v2"
 # Keys resolved once stay resolved for the whole run: the figures count job reads,
 # not the periodic re-check of a key (one query per key per worker per interval).
 KEY_CACHE_SECONDS = "3600"
+_BREAKER_OPENED = re.compile(r"unavailable \(.*\): serving from the database")
 _DB_QUERIES = re.compile(rb"^renderwatch_db_queries_total\s+([0-9.eE+]+)", re.M)
 
 
@@ -97,6 +98,14 @@ class Api:
         stats: dict[str, Any] = response.raise_for_status().json()["statistics"]
         return stats
 
+    def breaker_openings(self) -> int:
+        """How often this instance's breaker opened so far (its WARNING lines in the log)."""
+        try:
+            text = self.child.log.read_text(errors="replace")
+        except OSError:
+            return 0
+        return len(_BREAKER_OPENED.findall(text))
+
     def get(self, path: str, client: Client, **headers: str) -> httpx.Response:
         return self.http.get(self.url(path), headers={**client.auth, **headers})
 
@@ -152,7 +161,8 @@ class Stack:
             API_PORT=str(port),
             API_WORKERS=str(workers),
             API_KEY_CACHE_SECONDS=KEY_CACHE_SECONDS,
-            LOG_LEVEL="WARNING",
+            # INFO: the breaker's "unavailable" and "back" lines; no per-request lines.
+            LOG_LEVEL="INFO",
         )
         if workers > 1:
             # Only then: /metrics must sum the workers' counters. One worker runs as

@@ -21,6 +21,7 @@ from shared.cache import update_job_progress_with_cache
 from shared.schemas import ProgressUpdate
 
 JOBS = 12
+WARMUP = 10
 
 
 def _commandstats(stack: Stack) -> dict[str, int]:
@@ -31,8 +32,8 @@ def _commandstats(stack: Stack) -> dict[str, int]:
 def run(stack: Stack, cfg: Config) -> dict[str, Any]:
     runtime = stack.runtime
     assert runtime is not None
-    per_job = cfg.write_rounds * cfg.write_updates * 2 // JOBS + 2
-    refs = stack.make_jobs(JOBS, scenes=min(1_000, per_job))
+    total = cfg.write_rounds * cfg.write_updates * 2 + 2 * WARMUP
+    refs = stack.make_jobs(JOBS, scenes=min(1_000, total // JOBS + 2))
     scenes = {ref.job_id: 0 for ref in refs}
     order = cycle([ref.job_id for ref in refs])
 
@@ -63,7 +64,7 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
         return median(times) * 1000.0
 
     # Warm both paths (connections, scripts loaded, statements compiled).
-    for _ in range(10):
+    for _ in range(WARMUP):
         bare(*next_update())
         cached(*next_update())
     rounds: list[dict[str, float]] = []
