@@ -705,7 +705,7 @@ def _wait_exit(popen: subprocess.Popen[bytes], timeout: float) -> int | None:
 
 def settings_environment(settings: Settings) -> dict[str, str]:
     """Every setting as the environment variable that sets it, so children see the same config."""
-    return {name.upper(): str(value) for name, value in settings.model_dump().items()}
+    return settings.as_environment()
 
 
 def up(argv: list[str] | None = None) -> int:

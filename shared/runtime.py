@@ -88,9 +88,15 @@ def _build_backend(settings: Settings, keys: KeySpace, redis_client: Any) -> Any
         return None
     try:
         from shared.cache.backend import RedisBackend, connect
+        from shared.cache.seal import Sealer
     except ImportError:
         logger.warning("caching is off: the redis package is not importable")
         return None
     if redis_client is None:
         redis_client = connect(settings.redis_url, socket_timeout=settings.redis_socket_timeout)
-    return RedisBackend(redis_client, keys)
+    secret = settings.cache_seal_key.get_secret_value()
+    if not secret:
+        logger.warning(
+            "CACHE_SEAL_KEY is not set: cached values are sealed with the public default key"
+        )
+    return RedisBackend(redis_client, keys, Sealer(secret.encode()) if secret else Sealer())

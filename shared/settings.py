@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     cache_finished_ttl_seconds: int = Field(default=3_600, ge=1, le=604_800)
     job_cache_key_prefix: str = Field(default="job", min_length=1, max_length=32)
     cache_namespace: str = Field(default="", max_length=64)
+    # Keys the MAC that seals every cached value (shared.cache.seal); shared by every
+    # process of a deployment. Empty: a public default (corruption and foreign values
+    # are still caught, a deliberate forger with write access to Redis is not).
+    cache_seal_key: SecretStr = SecretStr("")
     cache_lease_ms: int = Field(default=500, ge=10, le=10_000)
     redis_socket_timeout: float = Field(default=0.25, gt=0, le=10)
     breaker_failure_threshold: int = Field(default=1, ge=1, le=100)
@@ -79,6 +83,16 @@ class Settings(BaseSettings):
         if value and not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError("CACHE_NAMESPACE may hold letters, digits, '-', '_' and '.'")
         return value
+
+    def as_environment(self) -> dict[str, str]:
+        """Every setting as the environment variable that sets it (secrets revealed), for
+        child processes that must share this configuration. Never log the result."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[name.upper()] = str(value)
+        return env
 
     @property
     def caching_enabled(self) -> bool:

@@ -53,8 +53,7 @@ def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
     env = {
         key: value for key, value in os.environ.items() if key.lower() not in Settings.model_fields
     }
-    for name, value in settings.model_dump().items():
-        env[name.upper()] = str(value)
+    env.update(settings.as_environment())
     for name, value in extra.items():
         env[name.upper()] = str(value)
     env["PYTHONUNBUFFERED"] = "1"

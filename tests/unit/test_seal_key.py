@@ -1,0 +1,65 @@
+"""CACHE_SEAL_KEY: a deployment secret keys the seal of every cached value."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from shared import jobs
+from shared.db import build_engine, build_session_factory
+from shared.runtime import build_cache
+
+
+@pytest.fixture
+def sessions(sqlite_url):
+    engine = build_engine(sqlite_url)
+    yield build_session_factory(engine)
+    engine.dispose()
+
+
+def test_a_value_sealed_with_another_key_is_never_served(
+    make_settings, sqlite_url, sessions, fake_redis
+):
+    ours = build_cache(
+        make_settings(database_url=sqlite_url, cache_seal_key="ours"),
+        sessions,
+        redis_client=fake_redis,
+    )
+    theirs = build_cache(
+        make_settings(database_url=sqlite_url, cache_seal_key="theirs"),
+        sessions,
+        redis_client=fake_redis,
+    )
+    with sessions() as session:
+        view = jobs.create_job(session=session, client_id="alice", prompt="p", scenes_total=2)
+    theirs.publish(view)  # a value written under another key (another deployment, a forger)
+    assert fake_redis.get(ours.keys.job(view.job_id)) is not None
+
+    job = ours.get(view.job_id, client_id="alice")
+
+    assert job is not None and job.view.version == view.version  # served from the DB
+    stats = ours.stats()["statistics"]
+    assert stats["errors"] == 1 and stats["hits"] == 0
+    # Refilled under our key: the next read is a hit.
+    assert ours.get(view.job_id, client_id="alice") is not None
+    assert ours.stats()["statistics"]["hits"] == 1
+
+
+def test_the_key_never_shows_in_settings_repr_or_logs_but_reaches_children(
+    make_settings, sqlite_url, sessions, fake_redis, caplog
+):
+    settings = make_settings(database_url=sqlite_url, cache_seal_key="s3cr3t-seal")
+    assert "s3cr3t-seal" not in repr(settings)
+    assert settings.as_environment()["CACHE_SEAL_KEY"] == "s3cr3t-seal"
+    with caplog.at_level(logging.DEBUG):
+        build_cache(settings, sessions, redis_client=fake_redis)
+    assert "s3cr3t-seal" not in caplog.text
+
+
+def test_a_missing_key_is_warned_about_once_at_start(
+    make_settings, sqlite_url, sessions, fake_redis, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="shared.runtime"):
+        build_cache(make_settings(database_url=sqlite_url), sessions, redis_client=fake_redis)
+    assert "CACHE_SEAL_KEY is not set" in caplog.text
