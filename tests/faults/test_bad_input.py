@@ -389,10 +389,12 @@ RAW_CASES: dict[str, Callable[[str], bytes]] = {
     "unknown HTTP version": lambda k: b"GET /api/v2/jobs HTTP/9.9\r\nHost: api\r\n\r\n",
     # h11 (httpx) refuses to send these; a hand-rolled client might.
     "Authorization with trailing space": lambda k: (
-        b"GET /api/v2/jobs HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer \r\n\r\n"
+        b"GET /api/v2/jobs HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer \r\n"
+        b"Connection: close\r\n\r\n"
     ),
     "Authorization with a tab": lambda k: (
-        f"GET /api/v2/jobs HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer\t{k}x\r\n\r\n".encode()
+        f"GET /api/v2/jobs HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer\t{k}x\r\n"
+        "Connection: close\r\n\r\n".encode()
     ),
     "NUL in a header": lambda k: (
         b"GET /api/v2/jobs HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer a\x00b\r\n\r\n"

@@ -332,14 +332,9 @@ def test_worker_progress_writes_are_retried_when_connections_are_terminated(
     # at most one scene per retry.
     assert len(rendered) - scenes <= retries
     versions = [view["version"] for view in published]
+    notable = [line for line in log.splitlines() if "WARN" in line or "resuming" in line]
     assert versions == sorted(set(versions)), (
-        "a version was published twice or out of order: "
-        f"{[(v['version'], v['progress']['current_stage'], v['progress']['scenes_completed']) for v in published]}\n"
-        + "\n".join(
-            line
-            for line in log.splitlines()
-            if "WARN" in line or "retry" in line or "resum" in line or "ERROR" in line
-        )
+        f"a version was published twice or out of order: {versions}\n" + "\n".join(notable)
     )
 
 

@@ -54,7 +54,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.postgres]
 
 RECORDING = "tests.renderers:RecordingRenderer"
 SLOW_ENCODING = "tests.faults.test_worker_faults:SlowEncodingRenderer"
-ENCODING_SECONDS = 3.0
+ENCODING_SECONDS = 1.5
 VISIBILITY_TIMEOUT = 5  # the smallest the settings accept
 FINISH_TIMEOUT = 60.0
 
