@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,8 +32,14 @@ pytestmark = [
 T = TypeVar("T")
 RENDER_TASK = "renderwatch.render_video"
 SNAPSHOT_TASK = "renderwatch.snapshot_cache_stats"
-JOBS = 3
+JOBS = 20
 SCENES = 3
+CLIENTS = (
+    "e2e-alice@example.com",
+    "e2e-bob@example.com",
+    "e2e-carol@example.com",
+    "e2e-dave@example.com",
+)
 
 
 def eventually(probe: Callable[[], T | None], *, timeout: float, what: str) -> T:
@@ -60,41 +67,47 @@ def statistics(http: httpx.Client, key: str) -> dict[str, Any]:
 
 @dataclass
 class Rendered:
-    """Jobs submitted and polled to the end, with the number of polls it took."""
+    """Jobs submitted by several clients and polled to the end, with the polls it took.
+
+    `key` and `job_ids` are the first client's; `all_job_ids`, `owner` and `keys` cover
+    every client.
+    """
 
     key: str
     job_ids: list[int]
+    all_job_ids: list[int]
+    owner: dict[int, str]
+    keys: dict[str, str]
     polls: int
     stats_before: dict[str, Any]
     stats_after: dict[str, Any]
     finals: dict[int, dict[str, Any]]
 
 
-@pytest.fixture(scope="module")
-def rendered(stack: RunningStack) -> Rendered:
-    """A client submits JOBS jobs and polls each one to `succeeded`."""
-    key = stack.create_key("e2e-alice@example.com")
-    with stack.http() as http:
-        job_ids = []
-        for n in range(JOBS):
-            response = http.post(
-                "/api/v2/jobs",
-                json={"prompt": f"a lighthouse in a storm, take {n}", "scenes_total": SCENES},
-                headers=bearer(key),
-            )
-            assert response.status_code == 202, response.text
-            body = response.json()
-            assert body["status"] == "queued"
-            assert body["status_url"] == f"/api/v2/jobs/{body['job_id']}"
-            assert response.headers["Location"] == body["status_url"]
-            job_ids.append(body["job_id"])
+def submit(http: httpx.Client, key: str, n: int) -> int:
+    response = http.post(
+        "/api/v2/jobs",
+        json={"prompt": f"a lighthouse in a storm, take {n}", "scenes_total": SCENES},
+        headers=bearer(key),
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["status_url"] == f"/api/v2/jobs/{body['job_id']}"
+    assert response.headers["Location"] == body["status_url"]
+    return int(body["job_id"])
 
-        stats_before = statistics(http, key)
-        polls = 0
-        finals: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + 60
-        while len(finals) < JOBS:
-            assert time.monotonic() < deadline, f"jobs not finished: {set(job_ids) - set(finals)}"
+
+def poll_until_done(
+    stack: RunningStack, key: str, job_ids: list[int]
+) -> tuple[int, dict[int, dict[str, Any]]]:
+    """One client's polling loop (its own connection); returns (polls, final objects)."""
+    polls = 0
+    finals: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + 150
+    with stack.http() as http:
+        while len(finals) < len(job_ids):
+            assert time.monotonic() < deadline, f"not finished: {set(job_ids) - set(finals)}"
             for job_id in job_ids:
                 if job_id in finals:
                     continue
@@ -106,14 +119,47 @@ def rendered(stack: RunningStack) -> Rendered:
                 if job["status"] == "succeeded":
                     finals[job_id] = job
             time.sleep(0.1)
-        stats_after = statistics(http, key)
-    return Rendered(key, job_ids, polls, stats_before, stats_after, finals)
+    return polls, finals
+
+
+@pytest.fixture(scope="module")
+def rendered(stack: RunningStack) -> Rendered:
+    """CLIENTS clients submit JOBS jobs in all and poll them, concurrently, to `succeeded`."""
+    keys = {client: stack.create_key(client) for client in CLIENTS}
+    mine: dict[str, list[int]] = {client: [] for client in CLIENTS}
+    with stack.http() as http:
+        for n in range(JOBS):
+            client = CLIENTS[n % len(CLIENTS)]
+            mine[client].append(submit(http, keys[client], n))
+        stats_before = statistics(http, keys[CLIENTS[0]])
+    with ThreadPoolExecutor(len(CLIENTS)) as pool:
+        results = list(
+            pool.map(lambda client: poll_until_done(stack, keys[client], mine[client]), CLIENTS)
+        )
+    with stack.http() as http:
+        stats_after = statistics(http, keys[CLIENTS[0]])
+    finals = {job_id: job for _, done in results for job_id, job in done.items()}
+    owner = {job_id: client for client, ids in mine.items() for job_id in ids}
+    first = CLIENTS[0]
+    return Rendered(
+        key=keys[first],
+        job_ids=mine[first],
+        all_job_ids=sorted(owner),
+        owner=owner,
+        keys=keys,
+        polls=sum(polls for polls, _ in results),
+        stats_before=stats_before,
+        stats_after=stats_after,
+        finals=finals,
+    )
 
 
 def test_jobs_submitted_over_http_render_to_succeeded(rendered: Rendered) -> None:
+    assert sorted(rendered.finals) == rendered.all_job_ids
+    assert len(rendered.all_job_ids) == JOBS
     for job_id, job in rendered.finals.items():
         assert job["job_id"] == job_id
-        assert job["client_id"] == "e2e-alice@example.com"
+        assert job["client_id"] == rendered.owner[job_id]
         assert job["progress"] == {
             "current_stage": "done",
             "scenes_completed": SCENES,
@@ -140,10 +186,10 @@ def test_every_poll_is_one_cache_read_counted_exactly(
     with stack.http() as http:
         start = statistics(http, rendered.key)
         for n in range(reads):
-            job_id = rendered.job_ids[n % len(rendered.job_ids)]
+            job_id = rendered.all_job_ids[n % len(rendered.all_job_ids)]
+            key = rendered.keys[rendered.owner[job_id]]
             response = http.get(
-                f"/api/v2/jobs/{job_id}",
-                headers={**bearer(rendered.key), "Connection": "close"},
+                f"/api/v2/jobs/{job_id}", headers={**bearer(key), "Connection": "close"}
             )
             assert response.status_code == 200
         end = statistics(http, rendered.key)
@@ -284,10 +330,10 @@ def test_flower_shows_the_worker_and_its_successful_tasks(
         def renders_succeeded() -> dict[int, str] | None:
             states = {}
             for task in tasks(RENDER_TASK).values():
-                for job_id in rendered.job_ids:
+                for job_id in rendered.all_job_ids:
                     if task.get("args") in (f"[{job_id}]", f"({job_id},)"):
                         states[job_id] = task["state"]
-            done = all(states.get(job_id) == "SUCCESS" for job_id in rendered.job_ids)
+            done = all(states.get(job_id) == "SUCCESS" for job_id in rendered.all_job_ids)
             return states if done else None
 
         eventually(renders_succeeded, timeout=30, what="Flower to show each render as SUCCESS")
