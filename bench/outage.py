@@ -4,9 +4,9 @@ Paused: the run's PRIVATE redis-server gets `CLIENT PAUSE <ms> ALL` mid-run (the
 ends by itself, so no command of ours has to get through it). Hung: an API instance
 whose REDIS_URL points at a TCP server that accepts and never answers. Both are
 compared with the cache-off API under the same load. Recovery: after the pause ends,
-the first 200 ms window in which the global hits counter grows by at least half the
-requests answered in it (commands queued during the pause cannot fake that: at most
-one per connection was in flight).
+the end of the first 200 ms window in which the global hits counter grows by at least
+half the requests answered in it (commands queued during the pause cannot fake that:
+at most one per connection was in flight).
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ class HitSampler(threading.Thread):
 
 
 def recovery_seconds(result: LoadResult, samples: list[tuple[float, int]], resumed: float) -> float:
-    """Seconds from `resumed` to the first window where hits cover half the answers."""
+    """Seconds from `resumed` to the end of the first window where hits cover half the answers.
+
+    The window's end, not its start: caching certainly works by then (an upper bound).
+    """
     ends = sorted(t + lat / 1000.0 for t, lat in zip(result.start, result.latency_ms, strict=True))
     for i, (t_i, hits_i) in enumerate(samples):
         later = [(t, h) for t, h in samples[i + 1 :] if t >= t_i + WINDOW]
@@ -92,7 +95,7 @@ def recovery_seconds(result: LoadResult, samples: list[tuple[float, int]], resum
         t_j, hits_j = later[0]
         answered = bisect.bisect_left(ends, t_j) - bisect.bisect_left(ends, t_i)
         if answered > 0 and hits_j - hits_i >= 0.5 * answered:
-            return max(0.0, t_i - resumed)
+            return max(0.0, t_j - resumed)
     return float("nan")
 
 

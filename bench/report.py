@@ -393,8 +393,8 @@ def markdown(
             ],
         ),
         "",
-        f"Caching resumed {_fmt(o['recovery_seconds'])} s after the pause ended "
-        "(first 200 ms window where the global hits counter covers half the answers).",
+        f"Caching resumed within {_fmt(o['recovery_seconds'])} s after the pause ended (end of "
+        "the first 200 ms window in which the global hits counter covers half the answers).",
     ]
     sc = results["scale"]
     out += [
