@@ -301,12 +301,21 @@ def snapshot_cache_stats() -> bool:
     """Store this interval's cache statistics; False when the interval already has them."""
     process = worker_process()
     settings = process.runtime.settings
-    with process.runtime.sessions() as session:
-        saved = save_snapshot(
-            get_cache_stats(),
-            session=session,
-            interval_seconds=settings.stats_snapshot_seconds,
-            retention=settings.stats_retention,
+    try:
+        with process.runtime.sessions() as session:
+            saved = save_snapshot(
+                get_cache_stats(),
+                session=session,
+                interval_seconds=settings.stats_snapshot_seconds,
+                retention=settings.stats_retention,
+            )
+    except (OperationalError, DisconnectionError) as exc:
+        # The next beat tick is the retry (the entry expires within its interval): one
+        # plain line per skipped interval, the type only (driver text names the host).
+        logger.warning(
+            "cache statistics snapshot skipped: the database is unavailable (%s)",
+            type(exc).__name__,
         )
+        return False
     logger.debug("cache statistics snapshot %s", "saved" if saved else "already taken")
     return saved

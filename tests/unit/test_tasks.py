@@ -430,3 +430,25 @@ def test_a_worker_process_snapshots_once_per_interval(sqlite_url, make_settings,
     assert len(rows) == 1 + (second is True)
     assert rows[0].redis_available is False
     assert worker_app._process is None
+
+
+def test_a_snapshot_without_a_database_is_skipped_with_one_plain_warning(
+    make_settings, monkeypatch, caplog
+):
+    settings = make_settings(
+        database_url="postgresql+psycopg://rw:hunter2@127.0.0.1:1/nowhere",
+        redis_url="",
+        renderer="simulated",
+    )
+    monkeypatch.setattr(worker_app, "_process", None)
+    worker_app.start_process(settings)
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.tasks"):
+            assert snapshot_cache_stats.run() is False
+    finally:
+        worker_app.stop_process()
+    records = [r for r in caplog.records if r.name == "worker.tasks"]
+    assert [r.levelno for r in records] == [logging.WARNING]
+    assert "snapshot skipped" in records[0].getMessage()
+    assert records[0].exc_info is None
+    assert "hunter2" not in caplog.text and "127.0.0.1" not in caplog.text
