@@ -12,6 +12,7 @@ the synchronous cache in a worker thread: those paths are already correct there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -22,7 +23,7 @@ from typing import Any
 from anyio import to_thread
 from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from shared.cache import scripts
@@ -57,6 +58,8 @@ class AsyncJobReader:
         self.client = client if cache.backend is not None else None
         self.sealer = cache.backend.sealer if cache.backend is not None else Sealer()
         self._outages_seen = cache.breaker.outages
+        self._closing: set[asyncio.Task[None]] = set()
+        self._retired: list[AsyncRedis] = []
 
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """Like `JobCache.get`: None when missing or owned by another client."""
@@ -91,6 +94,10 @@ class AsyncJobReader:
                 continue
             except CacheError as exc:
                 cache._pending.restore(deltas)
+                if isinstance(exc.__cause__, MaxConnectionsError):
+                    # Our own pool is full (a burst), Redis is fine: this request goes
+                    # to the DB, the breaker stays closed for everyone else.
+                    return await self._from_db(job_id)
                 cache._pending.add("errors")
                 cache.breaker.failure(exc)
                 return await self._from_db(job_id)
@@ -117,10 +124,25 @@ class AsyncJobReader:
         After Redis restarts, redis.asyncio's pool check does not notice that an idle
         connection's server is gone: each one failed on first use, and every failure
         reopened the breaker (one outage per stale connection, seen on SIGKILL + restart).
+        Disconnecting the live pool raced with requests taking connections from it (a
+        connection closed under a request, a close that timed out into the request), so
+        the reader swaps in a fresh pool instead: requests in flight finish on the old
+        one, which is closed in the background, where its errors cannot reach anyone.
         """
         assert self.client is not None
         self._outages_seen = self.cache.breaker.outages
-        await self.client.connection_pool.disconnect(inuse_connections=False)
+        old = self.client
+        pool = old.connection_pool
+        fresh = pool.__class__(
+            connection_class=pool.connection_class,
+            max_connections=pool.max_connections,
+            **pool.connection_kwargs,
+        )
+        self.client = AsyncRedis(connection_pool=fresh)
+        self._retired.append(old)
+        task = asyncio.create_task(self._retire(old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _from_db(self, job_id: int) -> CachedJob | None:
         self.cache._pending.add("misses")
@@ -189,6 +211,20 @@ class AsyncJobReader:
             return await self._evalsha(args), landed
         return reply, landed
 
+    async def _retire(self, client: AsyncRedis) -> None:
+        """Close a retired client once its last requests had time to finish."""
+        await asyncio.sleep(5)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await client.aclose()
+        if client in self._retired:
+            self._retired.remove(client)
+
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
+        for client in self._retired:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await client.aclose()
+        self._retired.clear()
         if self.client is not None:
             await self.client.aclose()
