@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from api import errors, routes
 from api.deps import Enqueue, Services
 from api.errors import QueueUnavailable
+from api.fastpoll import FastPollMiddleware
 from api.metrics import Metrics, RequestMetricsMiddleware
 from shared.apikeys import KeyResolver, lookup_client
 from shared.cache.aio import AsyncJobReader
@@ -60,6 +61,8 @@ def create_app(
     )
     errors.install(app)
     app.add_middleware(errors.BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    # The warm cached poll is answered here, before routing (see api.fastpoll).
+    app.add_middleware(FastPollMiddleware)
     # Added last, so outermost: it also counts the 413s of the body limit.
     app.add_middleware(RequestMetricsMiddleware)
     app.include_router(routes.router)

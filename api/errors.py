@@ -116,7 +116,7 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
-async def _database_unavailable(request: Request, exc: Exception) -> Response:
+async def database_unavailable(request: Request, exc: Exception) -> Response:
     # The type only: driver messages may carry hosts or connection details.
     logger.warning("database unavailable (%s): answered 503", type(exc).__name__)
     return JSONResponse(
@@ -129,4 +129,4 @@ async def _database_unavailable(request: Request, exc: Exception) -> Response:
 def install(app: FastAPI) -> None:
     """Register the API's exception handlers on `app`."""
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(OperationalError, database_unavailable)

@@ -46,7 +46,7 @@ from api.models import (
     ValidationErrors,
 )
 from shared import jobs, snapshots
-from shared.cache import JobCache
+from shared.cache import CachedJob, JobCache
 from shared.db import run_read
 from shared.schemas import JobStatus, JobView, ProgressRegression
 
@@ -182,6 +182,12 @@ async def get_job(
     job = await reader.get(job_id, client_id=client)
     if job is None:
         raise job_not_found()
+    return job_response(job, if_none_match)
+
+
+def job_response(job: CachedJob, if_none_match: str | None) -> Response:
+    """200 with the cached bytes, or 304 when If-None-Match matches (shared with
+    `api.fastpoll`, so both paths answer byte for byte alike)."""
     etag = f'"{job.view.version}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if if_none_match is not None and etag_matches(if_none_match, etag):

@@ -259,7 +259,10 @@ def test_stale_fills_never_overwrite_a_newer_version_across_processes(
 
 STAMPEDE_READERS = 200
 STAMPEDE_APIS = 3
-STAMPEDE_LEASE_MS = 4_000
+# Longer than the test's own wait for the readers (6 s) while it holds the filler in the
+# database: a waiter whose lease ran out would rightly read the DB itself, which here
+# would look like a broken lease on a slow machine. Lease expiry has its own test.
+STAMPEDE_LEASE_MS = 10_000
 KILL_LEASE_MS = 1_500
 SLACK_SECONDS = 3.0  # generous: process scheduling on a busy CI machine, never a tight bound
 
@@ -379,7 +382,7 @@ def test_two_hundred_cold_polls_across_api_processes_cost_one_db_read(
                     faulty_redis.command_calls("evalsha") - evalsha_before >= 3 * STAMPEDE_READERS
                     or waiting_on_lock(url) > 1
                 ),
-                timeout=20,
+                timeout=6,
                 what="the readers to wait on the lease",
             )
             stuck_fillers = waiting_on_lock(url)
