@@ -58,7 +58,7 @@ class AsyncJobReader:
         self.client = client if cache.backend is not None else None
         self.sealer = cache.backend.sealer if cache.backend is not None else Sealer()
         self._outages_seen = cache.breaker.outages
-        self._closing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._retired: list[AsyncRedis] = []
 
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
@@ -77,7 +77,10 @@ class AsyncJobReader:
         delay = 0.002
         while True:
             permit = cache.breaker.acquire()
-            if permit is Permit.PROBE and not await to_thread.run_sync(cache.recover):
+            if permit is Permit.PROBE:
+                # The probe (ping, then repair) runs beside the request, never inside it:
+                # this poll and the others go to the DB until the probe closes the breaker.
+                self._probe_in_background()
                 permit = None
             if permit is None:
                 return await self._from_db(job_id)
@@ -141,8 +144,8 @@ class AsyncJobReader:
         self.client = AsyncRedis(connection_pool=fresh)
         self._retired.append(old)
         task = asyncio.create_task(self._retire(old))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _from_db(self, job_id: int) -> CachedJob | None:
         self.cache._pending.add("misses")
@@ -211,6 +214,11 @@ class AsyncJobReader:
             return await self._evalsha(args), landed
         return reply, landed
 
+    def _probe_in_background(self) -> None:
+        task = asyncio.create_task(to_thread.run_sync(self.cache.recover))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _retire(self, client: AsyncRedis) -> None:
         """Close a retired client once its last requests had time to finish."""
         await asyncio.sleep(5)
@@ -220,7 +228,7 @@ class AsyncJobReader:
             self._retired.remove(client)
 
     async def close(self) -> None:
-        for task in list(self._closing):
+        for task in list(self._background):
             task.cancel()
         for client in self._retired:
             with contextlib.suppress(RedisError, OSError, TimeoutError):

@@ -6,11 +6,18 @@ the commands and environment of docker-compose.yml, pointed at the machine's Red
 database and free ports; it waits on the healthchecks the file declares and stops
 everything at the end, failures included. When a test fails, the tail of every
 service's log is attached to its report.
+
+External mode (a stack you already run, e.g. `docker compose up`): set E2E_API_URL
+(and E2E_FLOWER_URL, default http://127.0.0.1:5555); the CLI runs as E2E_CLI
+(default `docker compose exec -T api renderwatch`); E2E_WORKER_NODE names the Celery
+worker node if you want Flower's answers filtered by it. Tests that need this
+machine's processes (the API's process layout, healthchecks run from here) skip.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -40,12 +47,19 @@ def free_port() -> int:
 class RunningStack:
     """The running stack and how to reach it."""
 
-    stack: Stack
+    stack: Stack | None  # None: an external stack (E2E_API_URL)
     env: dict[str, str]
     api_url: str
     flower_url: str
-    worker_node: str
-    beat_node: str
+    worker_node: str | None
+    beat_node: str | None
+    cli_prefix: tuple[str, ...] = ("renderwatch",)
+
+    def local(self) -> Stack:
+        """The local process stack; skips the test against an external stack."""
+        if self.stack is None:
+            pytest.skip("external stack (E2E_API_URL): its processes are not on this machine")
+        return self.stack
 
     def http(self) -> httpx.Client:
         """A client that behaves like a user's: no proxies from the environment on loopback."""
@@ -56,7 +70,7 @@ class RunningStack:
         env = {**os.environ, **self.env, **overrides}
         env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
         return subprocess.run(
-            ["renderwatch", *args],
+            [*self.cli_prefix, *args],
             cwd=REPO_ROOT,
             env=env,
             capture_output=True,
@@ -79,6 +93,20 @@ def stack(
     redis_url: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningStack]:
     """api, worker, beat and flower from docker-compose.yml, healthy."""
+    external = os.environ.get("E2E_API_URL")
+    if external:
+        yield RunningStack(
+            stack=None,
+            env={},
+            api_url=external.rstrip("/"),
+            flower_url=os.environ.get("E2E_FLOWER_URL", "http://127.0.0.1:5555").rstrip("/"),
+            worker_node=os.environ.get("E2E_WORKER_NODE") or None,
+            beat_node=None,
+            cli_prefix=tuple(
+                shlex.split(os.environ.get("E2E_CLI", "docker compose exec -T api renderwatch"))
+            ),
+        )
+        return
     run_id = uuid.uuid4().hex[:10]
     work = tmp_path_factory.mktemp("stack")
     api_port, flower_port = free_port(), free_port()
@@ -148,7 +176,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if report.failed and "stack" in getattr(item, "fixturenames", ()):
         running = item.funcargs.get("stack") if hasattr(item, "funcargs") else None
-        if isinstance(running, RunningStack):
+        if isinstance(running, RunningStack) and running.stack is not None:
             for name in running.stack.plan:
                 lines = running.stack.logs(name).splitlines()[-LOG_TAIL_LINES:]
                 report.sections.append((f"stack log: {name} (last lines)", "\n".join(lines)))

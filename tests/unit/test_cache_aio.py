@@ -120,9 +120,14 @@ def test_after_a_failure_reads_skip_redis_until_the_probe(world):
 
     async def healthy():
         reader = AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server))
+        served_while_probing = await reader.get(view.job_id)  # from the DB, probe beside it
+        await asyncio.gather(*reader._background)
+        state = cache.breaker.state.value
         job = await reader.get(view.job_id)
         await reader.close()
-        return job
+        return served_while_probing, state, job
 
-    assert run(healthy()) is not None
-    assert cache.breaker.state.value == "closed"
+    served_while_probing, state, job = run(healthy())
+    assert served_while_probing is not None
+    assert state == "closed"  # the background probe (sync backend, healthy) closed it
+    assert job is not None
