@@ -82,7 +82,18 @@ def build_cache(
     )
 
 
+class UnsupportedRedisMode(ValueError):
+    """REDIS_MODE names a topology this version cannot talk to yet."""
+
+
 def _build_backend(settings: Settings, keys: KeySpace, redis_client: Any) -> Any:
+    if settings.redis_mode != "standalone" and settings.redis_url:
+        # Refuse loudly rather than treat a Sentinel or Cluster address as one server.
+        raise UnsupportedRedisMode(
+            f"REDIS_MODE={settings.redis_mode} is not supported yet: use REDIS_MODE=standalone "
+            "(a single Redis or a proxy in front of the topology), or REDIS_URL= to run "
+            "without the cache"
+        )
     if redis_client is None and not settings.redis_url:
         logger.info("caching is off (REDIS_URL is empty): every read goes to the database")
         return None

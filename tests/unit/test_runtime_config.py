@@ -1,4 +1,4 @@
-"""CACHE_SEAL_KEY: a deployment secret keys the seal of every cached value."""
+"""Start-up configuration of the cache: CACHE_SEAL_KEY keys the seal; REDIS_MODE is checked."""
 
 from __future__ import annotations
 
@@ -65,3 +65,14 @@ def test_a_missing_key_is_warned_about_once_at_start(
     with caplog.at_level(logging.WARNING, logger="shared.runtime"):
         build_cache(make_settings(database_url=sqlite_url), sessions, redis_client=fake_redis)
     assert "CACHE_SEAL_KEY is not set" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
+def test_an_unsupported_redis_mode_is_refused_at_start_with_a_clear_error(
+    make_settings, sqlite_url, sessions, mode
+):
+    from shared.runtime import UnsupportedRedisMode
+
+    settings = make_settings(database_url=sqlite_url, redis_mode=mode)
+    with pytest.raises(UnsupportedRedisMode, match=f"REDIS_MODE={mode} is not supported yet"):
+        build_cache(settings, sessions)
