@@ -8,6 +8,7 @@ healthchecks themselves (they pass for the stack and fail for what is not there)
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -376,3 +377,34 @@ def test_compose_healthchecks_pass_for_the_stack_and_fail_for_a_stranger(
     sick = stack.cli("healthcheck", service, **elsewhere)
     assert sick.returncode == 1, sick.stdout + sick.stderr
     assert service in sick.stderr
+
+
+def test_a_client_session_with_the_cli_as_the_readme_tells_it(stack: RunningStack) -> None:
+    """create-key, submit, watch (plain progress lines without a TTY) and stats, as processes."""
+    key = stack.create_key("e2e-cli@example.com")
+    # Flags rather than RENDERWATCH_API_* variables: they also cross `docker compose exec`.
+    http = ("--api-url", stack.api_url, "--key", key)
+    submitted = stack.cli(
+        "submit", *http, "--prompt", "a paper boat on a river", "--scenes", str(SCENES)
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    found = re.search(r"Submitted job (\d+) \(queued\)\.", submitted.stdout)
+    assert found, submitted.stdout
+    job_id = found.group(1)
+    assert f"Status URL: {stack.api_url}/api/v2/jobs/{job_id}" in submitted.stdout
+
+    watched = stack.cli("watch", *http, job_id, "--interval", "0.1")
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    lines = watched.stdout.strip().splitlines()
+    assert lines[-1].startswith(f"job {job_id} succeeded: {SCENES} scenes, 100%"), lines
+    progress = [line for line in lines if line.startswith(f"job {job_id}: ")]
+    assert progress, lines
+    percents = [float(line.rsplit(maxsplit=1)[-1].rstrip("%")) for line in progress]
+    assert percents == sorted(percents), "progress went backwards"
+
+    stats = stack.cli("stats", *http)
+    assert stats.returncode == 0, stats.stderr
+    for row in ("hits", "misses", "hit rate", "redis available"):
+        assert row in stats.stdout, stats.stdout
+    for output in (submitted, watched, stats):
+        assert key not in output.stdout + output.stderr, "the CLI printed the API key"
