@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import database_unavailable, job_not_found
 from api.models import MAX_JOB_ID
+from api.routes import job_response, router
 
 PREFIX = "/api/v2/jobs/"
 ROUTE_PATH = "/api/v2/jobs/{job_id}"
@@ -88,8 +89,6 @@ class FastPollMiddleware:
         client: str,
         if_none_match: str | None,
     ) -> None:
-        from api.routes import job_response  # routes imports this module's app factory
-
         # Metrics label the request with the route's template, as if the router ran.
         scope["route"] = self._route or self._find_route()
         try:
@@ -108,8 +107,6 @@ class FastPollMiddleware:
         await response(scope, receive, send)
 
     def _find_route(self) -> BaseRoute | None:
-        from api.routes import router
-
         for route in router.routes:
             methods = getattr(route, "methods", None) or ()
             if getattr(route, "path", None) == ROUTE_PATH and "GET" in methods:
