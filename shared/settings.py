@@ -95,11 +95,6 @@ class Settings(BaseSettings):
         return env
 
     @property
-    def caching_enabled(self) -> bool:
-        """Caching is on when a Redis URL is configured."""
-        return bool(self.redis_url)
-
-    @property
     def broker_url(self) -> str:
         """The Celery broker: explicit, else the Redis URL, else the SQL database."""
         if self.celery_broker_url:
