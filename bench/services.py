@@ -16,7 +16,7 @@ import psycopg
 import redis
 
 from bench.procs import PYTHON, Child, ProcessGroup, base_env, free_port, wait_port
-from shared.migrate import upgrade
+from renderwatch.migrate import upgrade
 
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

@@ -110,7 +110,7 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session."""
     import psycopg
 
-    from shared.migrate import upgrade
+    from renderwatch.migrate import upgrade
 
     name = f"rw_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(_psycopg_url(pg_admin_url), autocommit=True) as conn:
@@ -126,7 +126,7 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A migrated SQLite database in the test's temporary folder."""
-    from shared.migrate import upgrade
+    from renderwatch.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'renderwatch.db'}"
     upgrade(url)

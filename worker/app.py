@@ -10,79 +10,24 @@ closes them, which flushes this process's pending cache statistics.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from dataclasses import dataclass
 from typing import Any
 
 from celery import signals
 
 from shared.queue import create_celery
-from shared.runtime import Runtime
-from shared.settings import Settings, get_settings
-from worker.renderer import Renderer, load_renderer
+from shared.settings import get_settings
+from worker import process as worker_state
+from worker.process import log_ready, start_process, stop_process
 
 logger = logging.getLogger(__name__)
 
 # Loggers of our own code; Celery configures its own and the root handler.
 APP_LOGGERS = ("worker", "shared")
 
+# The tasks are found by module name (`include`), so `worker.tasks` need not import this
+# module and this module need not import the tasks.
 app = create_celery(get_settings())
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerProcess:
-    """What tasks in this process use; built after any fork."""
-
-    runtime: Runtime
-    renderer: Renderer
-    pid: int
-
-
-_lock = threading.Lock()
-_process: WorkerProcess | None = None
-
-
-def start_process(settings: Settings | None = None) -> WorkerProcess:
-    """Build this process's runtime and renderer (idempotent within one process)."""
-    global _process
-    with _lock:
-        if _process is not None and _process.pid == os.getpid():
-            return _process
-        # A state inherited through fork belongs to the parent: drop it, never close it
-        # here (closing would act on the parent's sockets).
-        settings = settings or get_settings()
-        renderer = load_renderer(settings)
-        runtime = Runtime.start(settings)
-        _process = WorkerProcess(runtime=runtime, renderer=renderer, pid=os.getpid())
-        return _process
-
-
-def _log_ready(process: WorkerProcess) -> None:
-    logger.info(
-        "worker process %d ready (renderer %s, caching %s)",
-        process.pid,
-        type(process.renderer).__name__,
-        "on" if process.runtime.cache.enabled else "off",
-    )
-
-
-def stop_process() -> None:
-    """Release this process's runtime (flushes pending cache statistics)."""
-    global _process
-    with _lock:
-        process, _process = _process, None
-    if process is not None and process.pid == os.getpid():
-        process.runtime.close()
-        logger.info("worker process %d closed its runtime", process.pid)
-
-
-def worker_process() -> WorkerProcess:
-    """This process's state; built on first use when no start-up signal did it."""
-    process = _process
-    if process is not None and process.pid == os.getpid():
-        return process
-    return start_process()
+app.conf.include = ["worker.tasks"]
 
 
 def _runs_tasks_in_main_process(pool_cls: Any) -> bool:
@@ -111,14 +56,14 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 @signals.worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
     # Logging is set up only after worker_init: report the main process's state here.
-    process = _process
-    if process is not None and process.pid == os.getpid():
-        _log_ready(process)
+    process = worker_state.current()
+    if process is not None:
+        log_ready(process)
 
 
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
-    _log_ready(start_process())
+    log_ready(start_process())
 
 
 @signals.worker_process_shutdown.connect
@@ -129,7 +74,3 @@ def _on_worker_process_shutdown(**_: Any) -> None:
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
     stop_process()
-
-
-# Registers the tasks on `app` (worker.tasks imports `app` from here).
-import worker.tasks  # noqa: E402, F401

@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
@@ -35,7 +35,7 @@ from shared.jobs import ConcurrentUpdateError
 from shared.queue import RENDER_VIDEO, SNAPSHOT_CACHE_STATS
 from shared.schemas import MAX_ERROR_CHARS, JobStatus, ProgressRegression, Stage
 from shared.snapshots import save_snapshot
-from worker.app import app, worker_process
+from worker.process import worker_process
 from worker.renderer import Renderer, RenderError
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ def _job_id(raw: object) -> int:
     return raw
 
 
-@app.task(
+@shared_task(
     name=RENDER_VIDEO,
     bind=True,
     acks_late=True,
@@ -296,7 +296,7 @@ def render_video(self: Task[Any, Any], job_id: int) -> str:
         raise self.retry(exc=exc, countdown=countdown) from None
 
 
-@app.task(name=SNAPSHOT_CACHE_STATS, ignore_result=True)
+@shared_task(name=SNAPSHOT_CACHE_STATS, ignore_result=True)
 def snapshot_cache_stats() -> bool:
     """Store this interval's cache statistics; False when the interval already has them."""
     process = worker_process()

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.compose import Stack, venv_bin
+from renderwatch.compose import Stack, venv_bin
 from shared.settings import REPO_ROOT
 
 SERVICES = ["api", "worker", "beat", "flower"]

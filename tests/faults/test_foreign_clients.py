@@ -28,10 +28,10 @@ import pytest
 import redis
 from sqlalchemy import Engine, select
 
+from renderwatch.migrate import upgrade
 from shared.apikeys import create_api_key, revoke_api_key
 from shared.cache import KeySpace
 from shared.db import build_engine, build_session_factory
-from shared.migrate import upgrade
 from shared.models import Job
 from shared.settings import Settings
 from tests import procs
@@ -342,7 +342,7 @@ def test_renderwatch_revoke_key_refuses_the_key_and_never_echoes_it(world):
         assert http.get("/api/v2/jobs", headers=dave.headers).status_code == 200
     env = {**os.environ, **procs.settings_env(world.settings)}
     revoke = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "revoke-key", dave.key],
+        [sys.executable, "-m", "renderwatch.cli", "revoke-key", dave.key],
         env=env,
         capture_output=True,
         text=True,

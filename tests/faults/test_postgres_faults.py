@@ -30,10 +30,10 @@ import psycopg
 import pytest
 import redis
 
+from renderwatch.migrate import upgrade
 from shared import jobs
 from shared.apikeys import create_api_key
 from shared.db import build_engine, build_session_factory
-from shared.migrate import upgrade
 from shared.queue import create_celery, enqueue_render
 from shared.runtime import Runtime
 from shared.schemas import JobView

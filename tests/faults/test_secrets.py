@@ -157,7 +157,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run `renderwatch ARGS`; its stdout and stderr go to the transcript."""
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "renderwatch.cli", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -38,9 +38,9 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from renderwatch.migrate import upgrade
 from shared import jobs
 from shared.cache import get_job_with_cache, update_job_progress_with_cache
-from shared.migrate import upgrade
 from shared.models import CacheStatsSnapshot
 from shared.queue import SNAPSHOT_CACHE_STATS, create_celery, enqueue_render
 from shared.runtime import Runtime

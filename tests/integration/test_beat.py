@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
+from renderwatch.migrate import upgrade
 from shared import jobs
 from shared.cache import get_cache_stats, get_job_with_cache
-from shared.migrate import upgrade
 from shared.models import CacheStatsSnapshot
 from shared.queue import SNAPSHOT_CACHE_STATS, create_celery
 from shared.runtime import Runtime

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from shared import demo
+from renderwatch import demo
 from tests.conftest import require
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]

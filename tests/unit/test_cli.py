@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import cli, demo
-from shared.client import ApiUnreachable, RenderwatchClient, metric_total
-from shared.demo import DemoConfig, DemoError, RedisChoice, RunResult, Tally
+from renderwatch import cli, demo
+from renderwatch.client import ApiUnreachable, RenderwatchClient, metric_total
+from renderwatch.demo import DemoConfig, DemoError, RedisChoice, RunResult, Tally
 
 KEY = "rw_test-key-that-must-never-be-printed"
 BASE = "http://api.test"

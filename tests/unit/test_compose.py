@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from shared import health
-from shared.compose import (
+from renderwatch import health
+from renderwatch.compose import (
     APP_SERVICES,
     ComposeError,
     Stack,
@@ -619,7 +619,7 @@ def test_renderwatch_up_prefixes_output_and_stops_everything_on_ctrl_c(
     compose = fake_compose(tmp_path)
     env = {**os.environ, "WORK": str(work), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.compose", "--compose-file", str(compose), "app"],
+        [sys.executable, "-m", "renderwatch.compose", "--compose-file", str(compose), "app"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

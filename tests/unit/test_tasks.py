@@ -24,6 +24,7 @@ from shared.runtime import Runtime
 from shared.schemas import Stage
 from tests.renderers import SECRET
 from worker import app as worker_app
+from worker import process as worker_process
 from worker.renderer import RESULT_URL_TEMPLATE, RenderError, SimulatedRenderer
 from worker.tasks import (
     ERROR_MESSAGE_CHARS,
@@ -415,21 +416,21 @@ def test_a_worker_process_snapshots_once_per_interval(sqlite_url, make_settings,
     settings = make_settings(
         database_url=sqlite_url, redis_url="", stats_snapshot_seconds=86_400, renderer="simulated"
     )
-    monkeypatch.setattr(worker_app, "_process", None)
-    process = worker_app.start_process(settings)
+    monkeypatch.setattr(worker_process, "_process", None)
+    process = worker_process.start_process(settings)
     try:
-        assert worker_app.worker_process() is process
-        assert worker_app.start_process(settings) is process, "start is idempotent"
+        assert worker_process.worker_process() is process
+        assert worker_process.start_process(settings) is process, "start is idempotent"
         first, second = snapshot_cache_stats.run(), snapshot_cache_stats.run()
         with process.runtime.sessions() as session:
             rows = session.scalars(select(CacheStatsSnapshot)).all()
     finally:
-        worker_app.stop_process()
+        worker_process.stop_process()
     # Two calls within one day-long slot: one row (a midnight between them makes two).
     assert first is True
     assert len(rows) == 1 + (second is True)
     assert rows[0].redis_available is False
-    assert worker_app._process is None
+    assert worker_process._process is None
 
 
 def test_a_snapshot_without_a_database_is_skipped_with_one_plain_warning(
@@ -440,13 +441,13 @@ def test_a_snapshot_without_a_database_is_skipped_with_one_plain_warning(
         redis_url="",
         renderer="simulated",
     )
-    monkeypatch.setattr(worker_app, "_process", None)
-    worker_app.start_process(settings)
+    monkeypatch.setattr(worker_process, "_process", None)
+    worker_process.start_process(settings)
     try:
         with caplog.at_level(logging.WARNING, logger="worker.tasks"):
             assert snapshot_cache_stats.run() is False
     finally:
-        worker_app.stop_process()
+        worker_process.stop_process()
     records = [r for r in caplog.records if r.name == "worker.tasks"]
     assert [r.levelno for r in records] == [logging.WARNING]
     assert "snapshot skipped" in records[0].getMessage()

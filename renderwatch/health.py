@@ -1,6 +1,6 @@
 """Health checks of the app services, as docker-compose.yml declares them.
 
-`renderwatch healthcheck NAME` (or `python -m shared.health NAME`) exits 0 when healthy:
+`renderwatch healthcheck NAME` (or `python -m renderwatch.health NAME`) exits 0 when healthy:
 
 - api: `GET /readyz` on the API port answers 200 (the database is reachable).
 - worker: the worker node (`WORKER_NAME@host`) answers over the broker and consumes
@@ -206,6 +206,6 @@ def main(name: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        print(f"usage: python -m shared.health {{{'|'.join(SERVICES)}}}", file=sys.stderr)
+        print(f"usage: python -m renderwatch.health {{{'|'.join(SERVICES)}}}", file=sys.stderr)
         raise SystemExit(2)
     raise SystemExit(main(sys.argv[1]))

@@ -1,4 +1,8 @@
-"""Apply the Alembic migrations in `migrations/` to a database URL."""
+"""Apply the Alembic migrations shipped in `renderwatch.migrations` to a database URL.
+
+The migrations are package data, so an installed wheel migrates as well as a checkout;
+`alembic.ini` at the repository root is only for running the `alembic` command by hand.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
-from shared.settings import REPO_ROOT
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(database_url: str) -> Config:
-    config = Config(str(REPO_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    """An Alembic config for `database_url` that needs no ini file."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
 

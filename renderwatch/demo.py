@@ -1,7 +1,7 @@
 """`renderwatch demo` (`make demo`): the job cache measured for real, with Redis on and off.
 
 One command on a fresh clone: it picks a Redis, migrates a private database, starts
-api + worker + beat (+ flower) as local processes (`shared.compose.Stack`), submits
+api + worker + beat (+ flower) as local processes (`renderwatch.compose.Stack`), submits
 jobs as two clients, polls them the way clients do, and prints the table of the
 original cache module: total requests, database queries (the API's
 `renderwatch_db_queries_total`), cache hits (`/api/v2/cache/stats`) and the average
@@ -35,11 +35,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from shared.client import ClientError, RenderwatchClient, metric_total
+from renderwatch.client import ClientError, RenderwatchClient, metric_total
 from shared.settings import REPO_ROOT, Settings, redact_url
 
 if TYPE_CHECKING:
-    from shared.compose import Stack
+    from renderwatch.compose import Stack
 
 DEMO_DIR = REPO_ROOT / "var" / "demo"
 CLIENTS = ("alice@example.com", "bob@example.com")
@@ -472,7 +472,7 @@ class Demo:
 
     def measure(self, number: int, of: int, *, cache: bool) -> RunResult:
         """Start the stack, run the workload, read the counters, stop the stack."""
-        from shared.compose import ComposeError, Stack
+        from renderwatch.compose import ComposeError, Stack
 
         label = "cache-on" if cache else "cache-off"
         say = self.out
@@ -640,7 +640,7 @@ class Demo:
         from alembic.util.exc import CommandError
         from sqlalchemy.exc import SQLAlchemyError
 
-        from shared.migrate import upgrade
+        from renderwatch.migrate import upgrade
 
         if url.startswith("sqlite:///") and "database_url" not in self.settings.model_fields_set:
             path = Path(url.removeprefix("sqlite:///"))

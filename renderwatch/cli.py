@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from shared.client import ClientError, NotFound, RenderwatchClient, Unauthorized
+from renderwatch.client import ClientError, NotFound, RenderwatchClient, Unauthorized
 from shared.schemas import MAX_SCENES, JobStatus, JobView
 from shared.settings import Settings, redact_url
 
@@ -216,9 +216,9 @@ def main(
 
 def _delegate(command: str, rest: list[str]) -> int:
     if command == "up":
-        from shared.compose import up as run
+        from renderwatch.compose import up as run
     else:
-        from shared.demo import main as run
+        from renderwatch.demo import main as run
     try:
         return run(rest)
     except SystemExit as exc:  # their own argparse: --help (0) or a usage error (2)
@@ -237,7 +237,7 @@ def cmd_migrate(args: argparse.Namespace, ctx: Context) -> int:
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from shared.migrate import upgrade
+    from renderwatch.migrate import upgrade
 
     url = _settings().database_url
     print(f"Migrating {redact_url(url)} ...")
@@ -490,8 +490,8 @@ def _yes_no(value: object) -> str:
 
 
 def cmd_healthcheck(args: argparse.Namespace, ctx: Context) -> int:
-    """Delegate to shared.health."""
-    from shared.health import main as health_main
+    """Delegate to renderwatch.health."""
+    from renderwatch.health import main as health_main
 
     return health_main(args.name)
 
