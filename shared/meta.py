@@ -6,8 +6,8 @@ database would mix two histories under the same (job id, version). The incarnati
 them apart: the cache's default key namespace is derived from it (two databases never
 share entries unless `CACHE_NAMESPACE` says so), and the cache keeps it in its entries.
 A database restored from a dump keeps the incarnation of the one it was taken from: an
-operator runs `renderwatch new-incarnation` after a restore (README, "Restoring the
-database"). Read once per process, at start-up.
+operator runs `renderwatch new-incarnation` after a restore (README, "The database's
+incarnation"). Read once per process, at start-up.
 """
 
 from __future__ import annotations

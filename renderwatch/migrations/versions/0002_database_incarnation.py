@@ -7,8 +7,8 @@ Create Date: 2026-12-01 13:20:00.000000
 The cache keeps (job id, version) pairs in Redis; a database that is recreated starts
 its ids and versions again, so the cache tells databases apart by this UUID (its key
 namespace and its entries carry it). A restored dump keeps the UUID of the database it
-was taken from: `renderwatch new-incarnation` makes a new one (README, "Restoring the
-database").
+was taken from: `renderwatch new-incarnation` makes a new one (README, "The database's
+incarnation").
 """
 
 from __future__ import annotations
