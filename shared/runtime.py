@@ -116,7 +116,7 @@ def build_cache(
             keys.namespace,
             "CACHE_NAMESPACE" if settings.cache_namespace else "derived from the database",
         )
-    # TODO(lead, on merge): pass incarnation=incarnation to JobCache once it takes one.
+    # TODO(lead, on merge): add incarnation=incarnation to the CachePolicy below (the new core).
     return JobCache(
         backend=backend,
         keys=keys,
