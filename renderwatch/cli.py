@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="bring the database (DATABASE_URL) to the newest schema",
         description="Apply the Alembic migrations to DATABASE_URL.",
     )
+    sub.add_parser(
+        "new-incarnation",
+        help="give a restored database a new incarnation (run after every restore)",
+        description="Give the database (DATABASE_URL) a new incarnation id. A restored dump "
+        "keeps the id of the database it was taken from, so Redis could still hold entries "
+        "of that database's history; with a new id the cache starts afresh (a new default "
+        "key namespace). Restart every api and worker process afterwards.",
+    )
     create = sub.add_parser(
         "create-key",
         help="create an API key for a client; the key is the last line of output",
@@ -246,6 +254,28 @@ def cmd_migrate(args: argparse.Namespace, ctx: Context) -> int:
     except (SQLAlchemyError, CommandError, OSError) as exc:
         raise Failure(f"migration failed: {_db_reason(exc)}") from exc
     print(f"Done: {redact_url(url)} is at the newest schema.")
+    return 0
+
+
+def cmd_new_incarnation(args: argparse.Namespace, ctx: Context) -> int:
+    """Replace the database's incarnation (after a restore)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from shared.db import build_engine
+    from shared.meta import IncarnationMissing, new_incarnation
+
+    settings = _settings()
+    engine = build_engine(settings.database_url, pool_size=1)
+    try:
+        fresh = new_incarnation(engine)
+    except IncarnationMissing as exc:
+        raise Failure(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise Failure(f"database error: {_db_reason(exc)}") from exc
+    finally:
+        engine.dispose()
+    print(f"{redact_url(settings.database_url)} has a new incarnation: {fresh}.")
+    print("Restart every api and worker process: each reads the incarnation at start.")
     return 0
 
 
@@ -503,6 +533,7 @@ def _never(args: argparse.Namespace, ctx: Context) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Context], int]] = {
     "migrate": cmd_migrate,
+    "new-incarnation": cmd_new_incarnation,
     "create-key": cmd_create_key,
     "revoke-key": cmd_revoke_key,
     "submit": cmd_submit,

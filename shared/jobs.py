@@ -168,28 +168,25 @@ def _next_state(row: Job, upd: ProgressUpdate) -> dict[str, object] | None:
         raise InvalidProgress("status", "succeeded goes with current_stage 'done' and only with it")
     if status is JobStatus.QUEUED and stage is not Stage.QUEUED:
         raise InvalidProgress("status", "a queued job cannot be past the queued stage")
+    # Each of status, stage and scenes completed only ever moves forward, on its own:
+    # a later status never carries an earlier stage, nor a later stage fewer scenes.
     new_rank = (status.rank, stage.rank, scenes)
     old_rank = (cur_status.rank, cur_stage.rank, row.scenes_completed)
+    behind = next((f for f, n, o in zip(_COLUMN, new_rank, old_rank, strict=True) if n < o), None)
+    if behind is not None:
+        raise ProgressRegression(
+            behind, f"would move job {row.id} backwards from {old[_COLUMN[behind]]!r}"
+        )
     if new_rank == old_rank:
         # Same progress, other details: error and result_url travel with a progress step.
         changed = next(key for key in ("error", "result_url") if new[key] != old[key])
         raise ProgressRegression(
             changed, f"can only change together with progress (job {row.id} did not advance)"
         )
-    if new_rank < old_rank:
-        field = (
-            "status"
-            if status.rank != cur_status.rank
-            else "current_stage"
-            if stage.rank != cur_stage.rank
-            else "scenes_completed"
-        )
-        raise ProgressRegression(
-            field, f"would move job {row.id} backwards from {old[_COLUMN[field]]!r}"
-        )
     return new
 
 
+# The progress fields in rank order, and the column each is stored in.
 _COLUMN = {"status": "status", "current_stage": "stage", "scenes_completed": "scenes_completed"}
 
 

@@ -1,4 +1,5 @@
-"""SQLAlchemy tables: jobs, api_keys, cache_stats_snapshots (migrations in `migrations/`)."""
+"""SQLAlchemy tables: jobs, api_keys, cache_stats_snapshots, renderwatch_meta (migrations in
+`renderwatch/migrations/`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     Index,
@@ -94,4 +96,16 @@ class CacheStatsSnapshot(Base):
     redis_available: Mapped[bool] = mapped_column(Boolean, nullable=False)
 
 
-__all__ = ["ApiKey", "Base", "CacheStatsSnapshot", "Job", "utcnow"]
+class DatabaseMeta(Base):
+    """One row: this database's incarnation, a UUID made when it was created (`shared.meta`)."""
+
+    __tablename__ = "renderwatch_meta"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    incarnation: Mapped[str] = mapped_column(String(36), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    __table_args__ = (CheckConstraint("id = 1", name="ck_renderwatch_meta_one_row"),)
+
+
+__all__ = ["ApiKey", "Base", "CacheStatsSnapshot", "DatabaseMeta", "Job", "utcnow"]

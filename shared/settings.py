@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     api_workers: int = Field(default=1, ge=1, le=64)
     flower_port: int = Field(default=5555, ge=1, le=65_535)
     log_level: str = "INFO"
+    # Seal secrets, comma-separated, newest first: the first seals new cache entries, every
+    # one is accepted when reading, so keys rotate without a refill storm (README, "Rotating
+    # the seal key"). When set, it replaces CACHE_SEAL_KEY.
+    cache_seal_keys: SecretStr = SecretStr("")
 
     @field_validator("redis_url", "celery_broker_url", "database_url")
     @classmethod
@@ -105,8 +109,16 @@ class Settings(BaseSettings):
 
     @property
     def key_namespace(self) -> str:
-        """Prefix for every Redis key of this deployment (empty or ending in ':')."""
+        """The CACHE_NAMESPACE prefix (empty or ending in ':'). Empty means the runtime
+        derives one from the database's incarnation (see `shared.meta`)."""
         return f"{self.cache_namespace}:" if self.cache_namespace else ""
+
+    def seal_secrets(self) -> list[bytes]:
+        """The seal secrets, newest first (revealed: never log them); empty: none set."""
+        if listed := self.cache_seal_keys.get_secret_value():
+            return [part.strip().encode() for part in listed.split(",") if part.strip()]
+        single = self.cache_seal_key.get_secret_value()
+        return [single.encode()] if single else []
 
 
 @lru_cache(maxsize=1)

@@ -114,8 +114,9 @@ class Api:
         return int(r.json()["job_id"])
 
     def job_key(self, job_id: int) -> str:
-        settings = self.runtime.settings
-        return KeySpace(settings.key_namespace, settings.job_cache_key_prefix).job(job_id)
+        # The runtime's keys: without CACHE_NAMESPACE the namespace comes from the database.
+        keys: KeySpace = self.runtime.cache.keys
+        return keys.job(job_id)
 
 
 def auth(key: str) -> dict[str, str]:
@@ -814,7 +815,9 @@ def test_readyz_is_503_when_the_database_does_not_answer(
         r = client.get("/readyz")
 
     assert r.status_code == 503
-    assert r.json() == {"status": "unavailable", "database": "unavailable", "redis": "available"}
+    # Started without the database's incarnation, the process cannot tell its own cache
+    # keys apart from another database's: it serves from the database alone.
+    assert r.json() == {"status": "unavailable", "database": "unavailable", "redis": "disabled"}
 
 
 def test_a_database_that_does_not_answer_is_503_not_500(

@@ -121,6 +121,7 @@ def run(argv, api=None, env=ENV):
     [
         ["--help"],
         ["migrate", "--help"],
+        ["new-incarnation", "--help"],
         ["create-key", "--help"],
         ["revoke-key", "--help"],
         ["submit", "--help"],
@@ -140,7 +141,8 @@ def test_help_exits_zero_and_describes_the_command(argv, capsys):
 def test_top_level_help_lists_every_command(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("migrate", "create-key", "revoke-key", "submit", "watch", "stats", "up"):
+    commands = ("migrate", "new-incarnation", "create-key", "revoke-key", "submit", "watch")
+    for name in (*commands, "stats", "up"):
         assert name in out
     assert "healthcheck" in out and "demo" in out
 
@@ -437,6 +439,36 @@ def test_migrate_creates_the_schema_and_names_the_database(monkeypatch, tmp_path
     out = capsys.readouterr().out
     assert str(path) in out and "newest schema" in out
     assert cli.main(["create-key", "carol"]) == 0
+
+
+def test_new_incarnation_replaces_the_databases_incarnation(db_env, capsys):
+    from shared.db import build_engine
+    from shared.meta import database_incarnation
+
+    engine = build_engine(db_env)
+    try:
+        before = database_incarnation(engine)
+        assert cli.main(["new-incarnation"]) == 0
+        after = database_incarnation(engine)
+    finally:
+        engine.dispose()
+    out = capsys.readouterr().out
+    assert after != before and after in out
+    assert "Restart every api and worker process" in out
+
+
+def test_new_incarnation_on_an_unmigrated_database_says_to_migrate(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert cli.main(["new-incarnation"]) == 1
+    assert "renderwatch migrate" in capsys.readouterr().err
+
+
+def test_new_incarnation_failure_never_shows_the_password(monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://rw:s3cr3t-pw@127.0.0.1:1/nope")
+    assert cli.main(["new-incarnation"]) == 1
+    captured = capsys.readouterr()
+    assert "database error" in captured.err
+    assert "s3cr3t-pw" not in captured.out + captured.err
 
 
 def test_migrate_failure_never_shows_the_password(monkeypatch, capsys):

@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from shared import jobs
@@ -186,6 +188,13 @@ class JobsContract:
             (STEPS[:6], {"scenes_completed": 0}, "scenes_completed"),
             (STEPS[:1], {"status": "queued", "current_stage": "queued"}, "status"),
             (STEPS[:3], {"current_stage": "queued"}, "current_stage"),
+            # Scenes completed never decrease: not in a later stage, not when a job stops.
+            (STEPS[:8], {"current_stage": "encoding", "scenes_completed": 0}, "scenes_completed"),
+            (STEPS[:8], {"current_stage": "done", "scenes_completed": 4}, "scenes_completed"),
+            (STEPS[:8], {"status": "failed", "scenes_completed": 0}, "scenes_completed"),
+            (STEPS[:6], {"status": "cancelled", "scenes_completed": 1}, "scenes_completed"),
+            # Nor does the stage, when the status moves forward beside it.
+            (STEPS[:3], {"status": "failed", "current_stage": "scripting"}, "current_stage"),
             (STEPS, {"status": "failed", "error": "late"}, "status"),
             (STEPS, {"status": "cancelled"}, "status"),
             ([{"status": "failed", "error": "boom"}], {"current_stage": "scripting"}, "status"),
@@ -302,3 +311,70 @@ class TestJobsOnSQLite(JobsContract):
     @pytest.fixture
     def db_url(self, sqlite_url: str) -> str:
         return sqlite_url
+
+
+# -- the transition rule alone (`_next_state`, no database) ------------------------------------
+
+PROPERTY_SCENES = 4
+
+
+def fresh_row() -> Job:
+    """A queued job as `create_job` stores it, held in memory only."""
+    return Job(
+        id=1,
+        client_id="prop@example.com",
+        prompt="p",
+        status=JobStatus.QUEUED.value,
+        stage=Stage.QUEUED.value,
+        scenes_completed=0,
+        scenes_total=PROPERTY_SCENES,
+        version=1,
+        error=None,
+        result_url=None,
+    )
+
+
+def progress_updates() -> st.SearchStrategy[ProgressUpdate]:
+    """Any well-formed update, consistent or not, forward or backward."""
+    fields = st.fixed_dictionaries(
+        {},
+        optional={
+            "current_stage": st.sampled_from(Stage),
+            "scenes_completed": st.integers(0, PROPERTY_SCENES),
+            "status": st.sampled_from(JobStatus),
+            "error": st.sampled_from(["boom", "late"]),
+            "result_url": st.just("https://videos.example.invalid/v.mp4"),
+        },
+    ).filter(bool)
+    return fields.map(ProgressUpdate.parse)
+
+
+def progress_of(row: Job) -> tuple[int, int, int]:
+    return (JobStatus(row.status).rank, Stage(row.stage).rank, row.scenes_completed)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(progress_updates(), max_size=25))
+def test_no_sequence_of_updates_moves_a_job_backwards(updates: list[ProgressUpdate]) -> None:
+    """Whatever arrives in whatever order: scenes completed never decrease, the stage and
+    the status never go back, a finished job never changes, and an update applied twice
+    changes nothing the second time."""
+    row = fresh_row()
+    for upd in updates:
+        before = progress_of(row)
+        was_finished = JobStatus(row.status).finished
+        try:
+            new = jobs._next_state(row, upd)
+        except InvalidProgress:
+            continue  # refused: `_next_state` wrote nothing (the row is untouched below)
+        if new is None:
+            continue
+        assert not was_finished, f"a finished job changed: {upd!r}"
+        for column, value in new.items():
+            setattr(row, column, value)
+        after = progress_of(row)
+        assert after[2] >= before[2], f"scenes completed went back: {before} -> {after}"
+        assert after[1] >= before[1], f"the stage went back: {before} -> {after}"
+        assert after[0] >= before[0], f"the status went back: {before} -> {after}"
+        assert after > before, f"an accepted update did not advance: {upd!r}"
+        assert jobs._next_state(row, upd) is None, f"a duplicate was not a no-op: {upd!r}"

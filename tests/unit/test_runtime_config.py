@@ -1,7 +1,9 @@
-"""Start-up configuration of the cache: CACHE_SEAL_KEY keys the seal; REDIS_MODE is checked."""
+"""Start-up configuration of the cache: CACHE_SEAL_KEY(S) key the seal and rotate; REDIS_MODE
+is checked."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -76,3 +78,78 @@ def test_an_unsupported_redis_mode_is_refused_at_start_with_a_clear_error(
     settings = make_settings(database_url=sqlite_url, redis_mode=mode)
     with pytest.raises(UnsupportedRedisMode, match=f"REDIS_MODE={mode} is not supported yet"):
         build_cache(settings, sessions)
+
+
+# -- seal key rotation (CACHE_SEAL_KEYS) ----------------------------------------------------
+
+
+def _served(cache, job_id: int) -> tuple[int, int]:
+    job = cache.get(job_id, client_id="alice")
+    assert job is not None
+    stats = cache.stats()["statistics"]
+    return stats["hits"], stats["errors"]
+
+
+def test_during_a_rotation_entries_of_processes_on_the_old_key_are_hits(
+    make_settings, sqlite_url, sessions, fake_redis
+):
+    on_old_key = build_cache(
+        make_settings(database_url=sqlite_url, cache_seal_key="s3cr3t-old"),
+        sessions,
+        redis_client=fake_redis,
+    )
+    rotating = build_cache(
+        make_settings(database_url=sqlite_url, cache_seal_keys="s3cr3t-new, s3cr3t-old"),
+        sessions,
+        redis_client=fake_redis,
+    )
+    with sessions() as session:
+        view = jobs.create_job(session=session, client_id="alice", prompt="p", scenes_total=2)
+    on_old_key.publish(view)
+
+    assert _served(rotating, view.job_id) == (1, 0), "an old-key entry must be a plain hit"
+
+
+def test_a_key_dropped_from_the_list_no_longer_verifies(
+    make_settings, sqlite_url, sessions, fake_redis
+):
+    on_old_key = build_cache(
+        make_settings(database_url=sqlite_url, cache_seal_key="s3cr3t-old"),
+        sessions,
+        redis_client=fake_redis,
+    )
+    rotated = build_cache(
+        make_settings(database_url=sqlite_url, cache_seal_keys="s3cr3t-new"),
+        sessions,
+        redis_client=fake_redis,
+    )
+    with sessions() as session:
+        view = jobs.create_job(session=session, client_id="alice", prompt="p", scenes_total=2)
+    on_old_key.publish(view)
+
+    assert _served(rotated, view.job_id) == (0, 1), "served from the DB, counted as an error"
+
+
+def test_seal_keys_never_show_in_settings_logs_stats_or_the_sealer_but_reach_children(
+    make_settings, sqlite_url, sessions, fake_redis, caplog
+):
+    settings = make_settings(
+        database_url=sqlite_url,
+        cache_seal_keys="s3cr3t-new,s3cr3t-old",
+        cache_seal_key="s3cr3t-single",
+    )
+    with caplog.at_level(logging.DEBUG):
+        cache = build_cache(settings, sessions, redis_client=fake_redis)
+        with sessions() as session:
+            view = jobs.create_job(session=session, client_id="alice", prompt="p", scenes_total=2)
+        cache.publish(view)
+        cache.get(view.job_id, client_id="alice")
+        stats = cache.stats()
+    assert settings.as_environment()["CACHE_SEAL_KEYS"] == "s3cr3t-new,s3cr3t-old"
+    assert cache.backend is not None
+    sealer = cache.backend.sealer
+    seen = " ".join([repr(settings), caplog.text, json.dumps(stats), repr(sealer)])
+    assert "s3cr3t" not in seen
+    # What is logged instead: the key ids, and that the single key is ignored.
+    assert sealer.key_ids[0] in caplog.text and sealer.key_ids[1] in caplog.text
+    assert "CACHE_SEAL_KEY is ignored" in caplog.text
