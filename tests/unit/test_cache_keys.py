@@ -62,14 +62,6 @@ def test_the_lists_of_clients_are_independent_of_each_other() -> None:
     assert slot(keys.jobs("alice")) == slot("{alice}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "KNOWN GAP, reported to the lead: READ_JOB and READ_LIST count statistics in the "
-        "global `cache:stats` hash inside the script, a different Cluster slot from the job "
-        "or list keys; Redis Cluster answers CROSSSLOT. Remove this mark once fixed."
-    ),
-)
 def test_every_script_call_touches_a_single_cluster_slot(sqlite_url: str) -> None:
     engine, sessions = open_db(sqlite_url)
     server = fakeredis.FakeServer()
