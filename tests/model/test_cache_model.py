@@ -222,7 +222,7 @@ class CacheModel(RuleBasedStateMachine):
         backend = FaultyBackend(inner)
         self.backends.append(backend)
         return JobCache(
-            backend=backend,  # type: ignore[arg-type]
+            backend=backend,
             keys=self.keys,
             load_job=self._load,
             write_progress=None,
@@ -507,12 +507,12 @@ class CacheModel(RuleBasedStateMachine):
             key = self.keys.job(job_id)
             if self.client.type(key) not in (b"string", "string"):
                 continue
-            raw = self.client.get(key)
-            seal = self.client.get(self.keys.seal(job_id))
+            raw: Any = self.client.get(key)
+            seal: Any = self.client.get(self.keys.seal(job_id))
             if not raw or not self.sealer.verify(key, raw, seal):
                 continue  # a tombstone, or a planted value (never served: invariant 3)
             version = int(orjson.loads(raw)["version"])
-            inc = self.client.hget(self.keys.floor(job_id), "inc")
+            inc: Any = self.client.hget(self.keys.floor(job_id), "inc")
             inc_text = inc.decode() if inc is not None else ""
             seen = self.seen.get((job_id, inc_text), 0)
             assert version >= seen, f"job {job_id}: v{version} stored after v{seen}"
