@@ -36,9 +36,11 @@ class Runtime:
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
         )
         sessions = build_session_factory(engine)
         cache = build_cache(settings, sessions, redis_client=redis_client)
+        cache.start_flusher()
         configure(cache)
         return cls(settings=settings, engine=engine, sessions=sessions, cache=cache)
 
@@ -73,13 +75,24 @@ def build_cache(
         policy=CachePolicy(
             ttl_seconds=settings.cache_ttl_seconds,
             finished_ttl_seconds=settings.cache_finished_ttl_seconds,
-            lease_ms=settings.cache_lease_ms,
+            lease_ms=lease_ms(settings),
+            hedge_ms=settings.cache_hedge_ms,
+            stats_flush_seconds=settings.cache_stats_flush_seconds,
+            missing_ttl_seconds=settings.cache_missing_ttl_seconds,
         ),
         breaker=CircuitBreaker(
             threshold=settings.breaker_failure_threshold,
             reset_seconds=settings.breaker_reset_seconds,
         ),
     )
+
+
+def lease_ms(settings: Settings) -> int:
+    """The fill lease: CACHE_LEASE_MS, and at least the DB statement timeout plus a margin,
+    so that no DB read outlasts the lease of the reader that makes it."""
+    if settings.db_statement_timeout_ms <= 0:
+        return settings.cache_lease_ms
+    return max(settings.cache_lease_ms, settings.db_statement_timeout_ms + 250)
 
 
 class UnsupportedRedisMode(ValueError):

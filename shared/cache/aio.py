@@ -8,9 +8,11 @@ synchronous `JobCache` (`machine.read_job`), driven by awaits. Everything rare (
 read, the fill, a drop, the breaker's repair probe) runs on the synchronous cache in a
 worker thread; the probe runs beside the request, never inside it.
 
-Hedged read: when Redis has not answered within `CachePolicy.hedge_ms`, the request
-reads the DB and answers from it; the late Redis answer still settles the breaker (which
-waits for the full socket timeout) and, if it granted the lease, fills with that DB row.
+Hedged read: when Redis has given no answer at all (to any read of this reader) within
+`CachePolicy.hedge_ms`, the request reads the DB and answers from it; the late Redis
+answer still settles the breaker (which waits for the full socket timeout) and, if it
+granted the lease, fills with that DB row. A Redis that answers other reads meanwhile is
+busy, not silent: the request keeps waiting (hedging a burst would only load the DB).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class AsyncJobReader:
         self._outages_seen = cache.breaker.outages
         self._background: set[asyncio.Task[Any]] = set()
         self._retired: list[AsyncRedis] = []
+        self._last_answer = float("-inf")  # loop time of the last answer Redis gave
 
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """Like `JobCache.get`: None when missing or owned by another client."""
@@ -122,10 +125,19 @@ class AsyncJobReader:
         if hedge <= 0:
             return await self._read_entry(effect)
         task = asyncio.ensure_future(self._read_entry(effect))
-        done, _ = await asyncio.wait({task}, timeout=hedge / 1000)
-        if task in done:
-            return task.result()
-        # Redis is slow: answer from the DB; the late answer settles the breaker.
+        loop = asyncio.get_running_loop()
+        while True:
+            waited_since = loop.time()
+            done, _ = await asyncio.wait({task}, timeout=hedge / 1000)
+            if task in done:
+                return task.result()
+            # Busy, not silent: other reads got answers meanwhile, or the event loop itself
+            # ran late (a burst queues on the loop and on Redis). Hedging then would only
+            # move load to the DB.
+            loop_late = loop.time() - waited_since > 2 * hedge / 1000
+            if self._last_answer < waited_since and not loop_late:
+                break
+        # Redis is silent: answer from the DB; the late answer settles the breaker.
         loaded: asyncio.Future[JobView | None] = asyncio.get_running_loop().create_future()
         self._spawn(self._settle_late(effect, task, loaded))
         try:
@@ -181,6 +193,7 @@ class AsyncJobReader:
             return failure_of(exc)
         except Exception as exc:  # noqa: BLE001 -- any client surprise is a failed call
             return Failed(ErrorClass.UNAVAILABLE, exc)
+        self._last_answer = asyncio.get_running_loop().time()
         return backend.read_reply(job_id, raw)
 
     async def _drop_idle_connections(self) -> None:

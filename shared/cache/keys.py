@@ -45,6 +45,6 @@ class KeySpace:
         return f"{self.namespace}cache:stats"
 
     def stats_batch(self, batch_id: str) -> str:
-        """Marks a statistics batch as counted (same Cluster slot as the stats hash: the
-        hash tag is the stats key's whole name, which is that key's own slot)."""
-        return f"{{{self.stats()}}}:batch:{batch_id}"
+        """Marks a statistics batch as counted. Same Cluster slot as the stats hash: its
+        hash tag is the stats key's whole name (which has no tag, so that is its slot)."""
+        return f"{self.stats()}:{{{self.stats()}}}:batch:{batch_id}"

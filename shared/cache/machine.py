@@ -341,8 +341,8 @@ def read_job(
             yield from _redis(gate, DropKey(reply.key))
         elif isinstance(reply, Lease):
             view = yield LoadJob(job_id)
-            gate.count("misses")
             yield from _redis(gate, FillEntry(job_id, token, reply.rev, view))
+            gate.count("misses")
             job = CachedJob.of(view) if view is not None else None
             return ReadResult(job, Source.DATABASE, Why.FILLED)
         else:
