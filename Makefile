@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 UV := $(shell command -v uv 2>/dev/null || echo .venv-tools/bin/uv)
 
-.PHONY: help venv lint test demo up bench
+.PHONY: help venv lint test demo up bench fuzz
 
 help:
 	@echo "make demo   run a short demo of the whole flow"
@@ -22,6 +22,7 @@ help:
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make up     migrate, then run api, worker, beat and flower in the foreground"
 	@echo "make bench  run the benchmark"
+	@echo "make fuzz   the cache model suite with a long randomized budget (MODEL_EXAMPLES)"
 
 .venv-tools/bin/uv:
 	$(PYTHON) -m venv .venv-tools
@@ -55,3 +56,8 @@ bench: $(STAMP)
 	else \
 		echo "bench: not yet (bench/__main__.py does not exist)"; \
 	fi
+
+# The cache's Hypothesis model (tests/model/) with a long, randomized budget.
+fuzz: $(STAMP)
+	MODEL_RANDOM=1 MODEL_EXAMPLES=$${MODEL_EXAMPLES:-5000} MODEL_STEPS=$${MODEL_STEPS:-60} \
+		$(BIN)/pytest -p no:cacheprovider -m model tests/model -x

@@ -25,8 +25,18 @@ T = TypeVar("T")
 READ_ATTEMPTS = 2
 
 
-def build_engine(database_url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
-    """An engine with pre-ping (a terminated PostgreSQL backend costs one retry, not a 500)."""
+def build_engine(
+    database_url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    statement_timeout_ms: int = 0,
+) -> Engine:
+    """An engine with pre-ping (a terminated PostgreSQL backend costs one retry, not a 500).
+
+    `statement_timeout_ms` (PostgreSQL) bounds every query, so a cache fill lease that
+    outlasts it is never lapsed by a slow DB read (README "The cache and its guarantees").
+    """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -34,8 +44,16 @@ def build_engine(database_url: str, *, pool_size: int = 5, max_overflow: int = 1
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args: dict[str, object] = {}
+    if statement_timeout_ms > 0 and url.get_backend_name() == "postgresql":
+        connect_args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
     return create_engine(
-        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1_800
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_recycle=1_800,
+        connect_args=connect_args,
     )
 
 

@@ -44,6 +44,7 @@ class Runtime:
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
         )
         try:
             sessions = build_session_factory(engine)
@@ -56,6 +57,7 @@ class Runtime:
         except BaseException:
             engine.dispose()
             raise
+        cache.start_flusher()
         configure(cache)
         return cls(
             settings=settings,
@@ -116,7 +118,6 @@ def build_cache(
             keys.namespace,
             "CACHE_NAMESPACE" if settings.cache_namespace else "derived from the database",
         )
-    # TODO(lead, on merge): add incarnation=incarnation to the CachePolicy below (the new core).
     return JobCache(
         backend=backend,
         keys=keys,
@@ -126,13 +127,25 @@ def build_cache(
         policy=CachePolicy(
             ttl_seconds=settings.cache_ttl_seconds,
             finished_ttl_seconds=settings.cache_finished_ttl_seconds,
-            lease_ms=settings.cache_lease_ms,
+            lease_ms=lease_ms(settings),
+            hedge_ms=settings.cache_hedge_ms,
+            stats_flush_seconds=settings.cache_stats_flush_seconds,
+            missing_ttl_seconds=settings.cache_missing_ttl_seconds,
+            incarnation=incarnation,
         ),
         breaker=CircuitBreaker(
             threshold=settings.breaker_failure_threshold,
             reset_seconds=settings.breaker_reset_seconds,
         ),
     )
+
+
+def lease_ms(settings: Settings) -> int:
+    """The fill lease: CACHE_LEASE_MS, and at least the DB statement timeout plus a margin,
+    so that no DB read outlasts the lease of the reader that makes it."""
+    if settings.db_statement_timeout_ms <= 0:
+        return settings.cache_lease_ms
+    return max(settings.cache_lease_ms, settings.db_statement_timeout_ms + 250)
 
 
 def read_incarnation(source: Engine | SessionFactory) -> str:

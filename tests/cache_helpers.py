@@ -59,6 +59,7 @@ STATISTICS_KEYS = {
     "redis_enabled",
     "redis_available",
     "ttl_seconds",
+    "since",
 }
 
 
@@ -166,6 +167,7 @@ def make_harness(
     recording: bool = False,
     backend: bool = True,
     real_clock: bool = False,
+    incarnation: str = "",
 ) -> Harness:
     """A `JobCache` wired as `shared.runtime.build_cache` does, with a countable DB loader."""
     from shared.cache.backend import RedisBackend
@@ -198,6 +200,7 @@ def make_harness(
         "recording": recording,
         "backend": backend,
         "real_clock": real_clock,
+        "incarnation": incarnation,
     }
     cache = JobCache(
         backend=RedisBackend(client, keys) if client is not None else None,
@@ -206,7 +209,10 @@ def make_harness(
         write_progress=write_progress,
         recent_jobs=recent_jobs,
         policy=CachePolicy(
-            ttl_seconds=ttl_seconds, finished_ttl_seconds=finished_ttl_seconds, lease_ms=lease_ms
+            ttl_seconds=ttl_seconds,
+            finished_ttl_seconds=finished_ttl_seconds,
+            lease_ms=lease_ms,
+            incarnation=incarnation,
         ),
         breaker=CircuitBreaker(
             threshold=threshold,

@@ -3,10 +3,16 @@
 Measured on this machine (FastAPI, 1 worker, wrk -c32): a redis.asyncio GET in an
 `async def` handler serves ~1.9x the requests of a sync redis-py GET in a `def`
 handler (the threadpool hop and GIL hand-offs cost more than the request itself).
-So the hot read runs here, on the event loop, with the same Lua script, breaker,
-statistics and policy as the synchronous `JobCache`, which it wraps. Everything
-rare (the DB read on a miss, the fill, the breaker's repair probe) is delegated to
-the synchronous cache in a worker thread: those paths are already correct there.
+So the hot read runs here, on the event loop: the same sans-IO machine as the
+synchronous `JobCache` (`machine.read_job`), driven by awaits. Everything rare (the DB
+read, the fill, a drop, the breaker's repair probe) runs on the synchronous cache in a
+worker thread; the probe runs beside the request, never inside it.
+
+Hedged read: when Redis has given no answer at all (to any read of this reader) within
+`CachePolicy.hedge_ms`, the request reads the DB and answers from it; the late Redis
+answer still settles the breaker (which waits for the full socket timeout) and, if it
+granted the lease, fills with that DB row. A Redis that answers other reads meanwhile is
+busy, not silent: the request keeps waiting (hedging a burst would only load the DB).
 """
 
 from __future__ import annotations
@@ -14,28 +20,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import time
-from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 from anyio import to_thread
 from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from shared.cache import scripts
 from shared.cache.backend import _SHAS as SCRIPT_SHAS
-from shared.cache.breaker import Permit
+from shared.cache.backend import failure_of
 from shared.cache.core import CachedJob, JobCache
-from shared.cache.errors import CacheError, CorruptEntry
+from shared.cache.errors import ErrorClass
+from shared.cache.machine import (
+    Effect,
+    Failed,
+    FillEntry,
+    Foreign,
+    Hedged,
+    Lease,
+    LoadJob,
+    Probe,
+    ReadEntry,
+    ReadReply,
+    ReadResult,
+    Sleep,
+)
 from shared.cache.seal import Sealer
+from shared.schemas import JobView
 
 logger = logging.getLogger("shared.cache.redis_cache")
 
-READ_JOB_KEYS = 4  # entry, lease, stats, seal
+READ_JOB_KEYS = 4  # entry, lease, seal, floor
 
 
 def connect_async(url: str, *, socket_timeout: float) -> AsyncRedis:
@@ -60,66 +77,124 @@ class AsyncJobReader:
         self._outages_seen = cache.breaker.outages
         self._background: set[asyncio.Task[Any]] = set()
         self._retired: list[AsyncRedis] = []
+        self._last_answer = float("-inf")  # loop time of the last answer Redis gave
 
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """Like `JobCache.get`: None when missing or owned by another client."""
-        job = await self._get(job_id)
+        job = (await self.read(job_id)).job
         if job is None or (client_id is not None and job.view.client_id != client_id):
             return None
         return job
 
-    async def _get(self, job_id: int) -> CachedJob | None:
+    async def read(self, job_id: int) -> ReadResult:
+        """Like `JobCache.read`, on the event loop."""
         cache = self.cache
         if self.client is None:
-            return await to_thread.run_sync(cache.get, job_id)
-        token = secrets.token_hex(8)
-        deadline = time.monotonic() + cache.policy.wait_seconds
-        delay = 0.002
+            return await to_thread.run_sync(cache.read, job_id)
+        machine = cache.machine(job_id)
+        reply: object = None
+        try:
+            while True:
+                effect = machine.send(reply)
+                reply = await self._perform(effect)
+        except StopIteration as stop:
+            result = stop.value
+        if cache.flush_due():
+            self._spawn(to_thread.run_sync(cache.flush))
+        assert isinstance(result, ReadResult)
+        return result
+
+    async def _perform(self, effect: Effect) -> object:
+        cache = self.cache
+        if isinstance(effect, ReadEntry):
+            return await self._read(effect)
+        if isinstance(effect, LoadJob):
+            return await to_thread.run_sync(cache._load_job, effect.job_id)
+        if isinstance(effect, Sleep):
+            await asyncio.sleep(effect.seconds)
+            return None
+        if isinstance(effect, Probe):
+            # The probe (ping, then repair) runs beside the request, never inside it:
+            # this poll and the others go to the DB until the probe closes the breaker.
+            self._spawn(to_thread.run_sync(cache.recover, effect.ticket))
+            return False
+        return await to_thread.run_sync(cache._perform, effect)
+
+    async def _read(self, effect: ReadEntry) -> ReadReply:
+        hedge = self.cache.policy.hedge_ms
+        if hedge <= 0:
+            return await self._read_entry(effect)
+        task = asyncio.ensure_future(self._read_entry(effect))
+        loop = asyncio.get_running_loop()
         while True:
-            permit = cache.breaker.acquire()
-            if permit is Permit.PROBE:
-                # The probe (ping, then repair) runs beside the request, never inside it:
-                # this poll and the others go to the DB until the probe closes the breaker.
-                self._probe_in_background()
-                permit = None
-            if permit is None:
-                return await self._from_db(job_id)
-            if cache.breaker.outages != self._outages_seen:
-                await self._drop_idle_connections()
-            deltas = cache._pending.take()
-            try:
-                code, raw, seal = await self._read(job_id, token, deltas)
-            except CorruptEntry as corrupt:
-                # `_read` put back whatever deltas did not land; none may count twice.
-                await to_thread.run_sync(
-                    partial(cache._drop_corrupt, corrupt.key, counted_hit=False)
-                )
-                continue
-            except CacheError as exc:
-                cache._pending.restore(deltas)
-                if isinstance(exc.__cause__, MaxConnectionsError):
-                    # Our own pool is full (a burst), Redis is fine: this request goes
-                    # to the DB, the breaker stays closed for everyone else.
-                    return await self._from_db(job_id)
-                cache._pending.add("errors")
-                cache.breaker.failure(exc)
-                return await self._from_db(job_id)
-            cache.breaker.success()
-            if code == 0 and raw is not None:
-                sealed = self.sealer.verify(cache.keys.job(job_id), raw, seal)
-                cached = cache._decode(job_id, raw) if sealed else None
-                if cached is not None:
-                    return cached
-                await to_thread.run_sync(
-                    lambda: cache._drop_corrupt(cache.keys.job(job_id), counted_hit=True)
-                )
-                continue
-            if code == 1:
-                return await to_thread.run_sync(cache._fill, job_id, token)
-            if time.monotonic() >= deadline:
-                return await self._from_db(job_id)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            waited_since = loop.time()
+            done, _ = await asyncio.wait({task}, timeout=hedge / 1000)
+            if task in done:
+                return task.result()
+            # Busy, not silent: other reads got answers meanwhile, or the event loop itself
+            # ran late (a burst queues on the loop and on Redis). Hedging then would only
+            # move load to the DB.
+            loop_late = loop.time() - waited_since > 2 * hedge / 1000
+            if self._last_answer < waited_since and not loop_late:
+                break
+        # Redis is silent: answer from the DB; the late answer settles the breaker.
+        loaded: asyncio.Future[JobView | None] = asyncio.get_running_loop().create_future()
+        self._spawn(self._settle_late(effect, task, loaded))
+        try:
+            view = await to_thread.run_sync(self.cache._load_job, effect.job_id)
+        except BaseException:
+            loaded.cancel()
+            raise
+        loaded.set_result(view)
+        return Hedged(view)
+
+    async def _settle_late(
+        self,
+        effect: ReadEntry,
+        task: asyncio.Future[ReadReply],
+        loaded: asyncio.Future[JobView | None],
+    ) -> None:
+        reply = await task
+        self.cache.gate.settle(effect.ticket, reply)
+        if isinstance(reply, Lease):
+            with contextlib.suppress(asyncio.CancelledError):
+                view = await loaded
+                fill = FillEntry(effect.job_id, effect.token, reply.rev, view)
+                await to_thread.run_sync(self.cache._perform, fill)
+
+    async def _read_entry(self, effect: ReadEntry) -> ReadReply:
+        """The READ_JOB script's answer as a result (see `backend.RedisBackend.read_job`)."""
+        cache = self.cache
+        if cache.breaker.outages != self._outages_seen:
+            await self._drop_idle_connections()
+        assert self.client is not None
+        backend = cache.backend
+        assert backend is not None
+        keys = cache.keys
+        job_id = effect.job_id
+        args = (
+            keys.job(job_id),
+            keys.lease(job_id),
+            keys.seal(job_id),
+            keys.floor(job_id),
+            effect.token,
+            cache.policy.lease_ms,
+            cache.policy.incarnation,
+        )
+        try:
+            raw = await self._evalsha(args)
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                # The script touches four keys: blaming the entry would drop a good value
+                # and meet the foreign one again on every poll.
+                return Foreign(await to_thread.run_sync(backend.read_job_culprit, job_id))
+            return failure_of(exc)
+        except (TimeoutError, RedisError, OSError) as exc:
+            return failure_of(exc)
+        except Exception as exc:  # noqa: BLE001 -- any client surprise is a failed call
+            return Failed(ErrorClass.UNAVAILABLE, exc)
+        self._last_answer = asyncio.get_running_loop().time()
+        return backend.read_reply(job_id, raw)
 
     async def _drop_idle_connections(self) -> None:
         """Forget pooled connections made before an outage (any path may have seen it).
@@ -143,51 +218,7 @@ class AsyncJobReader:
         )
         self.client = AsyncRedis(connection_pool=fresh)
         self._retired.append(old)
-        task = asyncio.create_task(self._retire(old))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _from_db(self, job_id: int) -> CachedJob | None:
-        self.cache._pending.add("misses")
-        return await to_thread.run_sync(self.cache._from_db, job_id)
-
-    async def _read(
-        self, job_id: int, token: str, deltas: Mapping[str, int]
-    ) -> tuple[int, bytes | None, bytes | None]:
-        """(code, value, seal) of the READ_JOB script (see `backend.RedisBackend.read_job`)."""
-        assert self.client is not None
-        keys = self.cache.keys
-        args = (
-            keys.job(job_id),
-            keys.lease(job_id),
-            keys.stats(),
-            keys.seal(job_id),
-            token,
-            self.cache.policy.lease_ms,
-        )
-        landed = True
-        try:
-            if deltas:
-                reply, landed = await self._read_with_deltas(args, deltas)
-                if isinstance(reply, Exception):
-                    raise reply
-            else:
-                reply = await self._evalsha(args)
-        except ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
-                if not landed:
-                    self.cache._pending.restore(deltas)
-                # The script also touches the stats hash and the seal: blaming the entry
-                # would drop a good value and meet the foreign one again on every poll.
-                backend = self.cache.backend
-                assert backend is not None
-                culprit = await to_thread.run_sync(backend.read_job_culprit, job_id)
-                raise CorruptEntry(culprit) from exc
-            raise CacheError(f"ResponseError: {exc}") from exc
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise CacheError(f"{type(exc).__name__}: {exc}") from exc
-        code = int(reply[0])
-        return (0, reply[1], reply[2]) if code == 0 else (code, None, None)
+        self._spawn(self._retire(old))
 
     async def _evalsha(self, args: tuple[Any, ...]) -> Any:
         assert self.client is not None
@@ -197,25 +228,8 @@ class AsyncJobReader:
             await self.client.script_load(scripts.READ_JOB)
             return await self.client.evalsha(SCRIPT_SHAS["read_job"], READ_JOB_KEYS, *args)
 
-    async def _read_with_deltas(
-        self, args: tuple[Any, ...], deltas: Mapping[str, int]
-    ) -> tuple[Any, bool]:
-        """The script's reply (an exception object if it failed), and whether the
-        statistics deltas sent ahead of it in the same pipeline landed."""
-        assert self.client is not None
-        async with self.client.pipeline(transaction=False) as pipe:
-            for field, amount in deltas.items():
-                pipe.hincrby(self.cache.keys.stats(), field, amount)
-            pipe.evalsha(SCRIPT_SHAS["read_job"], READ_JOB_KEYS, *args)
-            results = await pipe.execute(raise_on_error=False)
-        landed = not any(isinstance(r, Exception) for r in results[:-1])
-        reply = results[-1]
-        if isinstance(reply, NoScriptError):
-            return await self._evalsha(args), landed
-        return reply, landed
-
-    def _probe_in_background(self) -> None:
-        task = asyncio.create_task(to_thread.run_sync(self.cache.recover))
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -6,6 +6,11 @@ closed ──failures>=threshold──▶ open ──reset_seconds──▶ half
 
 While open, callers go straight to the database. The transition to open is logged
 once per outage at WARNING; recovery at INFO.
+
+Late outcomes: every state change starts a new generation, and a `Ticket` carries the
+generation it was issued in. An outcome reported with a ticket of an older generation
+is ignored: a call permitted before the breaker opened cannot close it without a probe
+when it succeeds late, and cannot re-open it when it fails late during a probe.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +35,18 @@ class State(enum.Enum):
 class Permit(enum.Enum):
     NORMAL = "normal"
     PROBE = "probe"
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A permit to call Redis, tagged with the breaker generation that issued it."""
+
+    permit: Permit
+    generation: int
+
+    @property
+    def probe(self) -> bool:
+        return self.permit is Permit.PROBE
 
 
 class CircuitBreaker:
@@ -50,6 +68,7 @@ class CircuitBreaker:
         self._state = State.CLOSED
         self._failures = 0
         self._opened_at = 0.0
+        self._generation = 0
         self.outages = 0
 
     @property
@@ -61,36 +80,59 @@ class CircuitBreaker:
         """False while open: callers should not wait on Redis."""
         return self._state is not State.OPEN
 
+    @property
+    def generation(self) -> int:
+        return self._generation
+
     def acquire(self) -> Permit | None:
         """A permit to call Redis, a PROBE permit when half-open, or None (go to the DB)."""
-        state = self._state
-        if state is State.CLOSED:
-            return Permit.NORMAL
+        ticket = self.ticket()
+        return ticket.permit if ticket is not None else None
+
+    def ticket(self) -> Ticket | None:
+        """Like `acquire`, tagged with the generation (report outcomes with it)."""
+        if self._state is State.CLOSED:
+            return Ticket(Permit.NORMAL, self._generation)
         with self._lock:
-            if self._state is State.OPEN and self._clock() - self._opened_at >= self._reset:
+            state = self._state
+            if state is State.CLOSED:  # type: ignore[comparison-overlap]  # closed meanwhile
+                return Ticket(Permit.NORMAL, self._generation)
+            if state is State.OPEN and self._clock() - self._opened_at >= self._reset:
                 self._state = State.HALF_OPEN
-                return Permit.PROBE
-            if self._state is State.CLOSED:
-                return Permit.NORMAL
+                self._generation += 1
+                return Ticket(Permit.PROBE, self._generation)
         return None
 
-    def success(self) -> None:
-        if self._state is State.CLOSED and self._failures == 0:
+    def _stale(self, ticket: Ticket | None) -> bool:
+        return ticket is not None and ticket.generation != self._generation
+
+    def success(self, ticket: Ticket | None = None) -> None:
+        """A call succeeded; with its ticket, ignored when issued before the last change."""
+        if self._state is State.CLOSED and self._failures == 0 and not self._stale(ticket):
             return
         with self._lock:
+            if self._stale(ticket):
+                return
             recovered = self._state is not State.CLOSED
             self._state = State.CLOSED
             self._failures = 0
+            if recovered:
+                self._generation += 1
         if recovered:
             logger.info("%s is back: caching resumed", self._name)
 
-    def failure(self, exc: BaseException) -> None:
+    def failure(self, exc: BaseException, ticket: Ticket | None = None) -> None:
+        """A call failed; with its ticket, ignored when issued before the last change."""
         with self._lock:
+            if self._stale(ticket):
+                return
             self._failures += 1
             was = self._state
             if was is State.HALF_OPEN or self._failures >= self._threshold:
                 self._state = State.OPEN
                 self._opened_at = self._clock()
+                if was is not State.OPEN:
+                    self._generation += 1
             newly_open = was is State.CLOSED and self._state is State.OPEN
             if newly_open:
                 self.outages += 1

@@ -24,6 +24,11 @@ class KeySpace:
         """The seal (keyed MAC, `shared.cache.seal`) of the job entry (same hash tag)."""
         return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:seal"
 
+    def floor(self, job_id: int) -> str:
+        """The job's version floor (a hash: incarnation, version, revocation count). It
+        outlives the entry, so no fill installs a version older than one already seen."""
+        return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:floor"
+
     def channel(self, job_id: int) -> str:
         """Pub/sub channel carrying every new version of a job."""
         return f"{self.namespace}{self.job_prefix}:{{{job_id}}}:events"
@@ -38,3 +43,8 @@ class KeySpace:
     def stats(self) -> str:
         """The global statistics hash, shared by every process of the deployment."""
         return f"{self.namespace}cache:stats"
+
+    def stats_batch(self, batch_id: str) -> str:
+        """Marks a statistics batch as counted. Same Cluster slot as the stats hash: its
+        hash tag is the stats key's whole name (which has no tag, so that is its slot)."""
+        return f"{self.stats()}:{{{self.stats()}}}:batch:{batch_id}"

@@ -36,6 +36,7 @@ import pytest
 import redis
 
 from shared.cache import update_job_progress_with_cache
+from shared.cache.machine import Stored
 from shared.runtime import Runtime
 from shared.schemas import JobView
 from tests import procs
@@ -117,17 +118,17 @@ def stale_fill_child(
             assert backend is not None
             real_fill = backend.fill_job
 
-            def checked_fill(jid: int, token: str, version: int, *rest: Any) -> bool:
+            def checked_fill(jid: int, token: str, rev: str, version: int, *rest: Any) -> Any:
                 nonlocal fills_stored, fills_refused
                 floor = acked.value
-                stored = real_fill(jid, token, version, *rest)
-                if stored:
+                reply = real_fill(jid, token, rev, version, *rest)
+                if isinstance(reply, Stored) and reply.stored:
                     fills_stored += 1
                     if version < floor:
                         violations.append(f"a fill stored v{version} after v{floor} was acked")
                 else:
                     fills_refused += 1
-                return stored
+                return reply
 
             backend.fill_job = checked_fill  # type: ignore[method-assign,assignment]
             barrier.wait(60)

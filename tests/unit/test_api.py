@@ -43,6 +43,7 @@ STATS_KEYS = {
     "redis_enabled",
     "redis_available",
     "ttl_seconds",
+    "since",
 }
 
 

@@ -131,3 +131,37 @@ def test_after_a_failure_reads_skip_redis_until_the_probe(world):
     assert served_while_probing is not None
     assert state == "closed"  # the background probe (sync backend, healthy) closed it
     assert job is not None
+
+
+def test_a_slow_redis_is_hedged_by_the_db_and_the_breaker_waits_for_the_timeout(world):
+    """Defect 12: after CACHE_HEDGE_MS without a Redis answer the poll is answered from
+    the DB; the late failure (the full socket timeout) still opens the breaker."""
+    cache, _, _, view, loader = world
+    object.__setattr__(cache.policy, "hedge_ms", 20)
+
+    class Slow:
+        async def evalsha(self, *args):
+            await asyncio.sleep(1.0)
+            raise TimeoutError("socket timeout")
+
+        async def aclose(self):
+            return None
+
+    async def main():
+        reader = AsyncJobReader(cache, Slow())  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        got = await reader.get(view.job_id)
+        elapsed = loop.time() - started
+        state_at_answer = cache.breaker.state
+        await asyncio.gather(*reader._background)
+        return got, elapsed, state_at_answer
+
+    got, elapsed, state_at_answer = run(main())
+    assert got is not None and got.view.version == view.version
+    assert elapsed < 0.9, "the poll waited for Redis instead of hedging"
+    assert state_at_answer is State.CLOSED, "the breaker is decided by the full timeout"
+    assert cache.breaker.state is State.OPEN
+    assert loader.call_count == 1
+    stats = cache.stats()["statistics"]
+    assert (stats["hits"], stats["misses"], stats["errors"]) == (0, 1, 1)

@@ -30,6 +30,8 @@ from shared.cache import (
     update_job_progress_with_cache,
 )
 from shared.cache.backend import RedisBackend
+from shared.cache.machine import Busy, Done, Hit, Lease, Stored
+from shared.cache.stats import Batch
 from shared.schemas import InvalidProgress, JobView, ProgressRegression
 from tests.cache_helpers import (
     STATISTICS_KEYS,
@@ -446,7 +448,7 @@ class CacheContract:
     def test_an_unknown_job_is_false_and_none(self, public: Harness) -> None:
         assert update_job_progress_with_cache(999_999, STEPS[0]) is False
         assert get_job_with_cache(999_999) is None
-        assert public.raw(999_999) is None
+        assert public.raw(999_999) == b"", "a tombstone: no such job, cached briefly"
 
     def test_concurrent_writers_keep_versions_monotonic(self, make: Make) -> None:
         scenes = 30
@@ -603,8 +605,9 @@ class CacheContract:
             got = h.cache.get(job.job_id)
             assert got is not None and got.view.version == 1
         assert h.load.call_count == 1, "after the bad stats value was dropped, reads hit"
-        assert h.client.type(h.keys.stats()) in (b"hash", "hash")
         assert h.cache.get_list(ALICE, "p1", lambda: b"[]") == b"[]"
+        h.cache.flush()  # counts are flushed in batches, never inside a read script
+        assert h.client.type(h.keys.stats()) in (b"hash", "hash")
 
     # -- 7. ownership ---------------------------------------------------------------------------
 
@@ -652,6 +655,8 @@ class CacheContract:
         a.cache.update_progress(jobs[0].job_id, STEPS[0])
         a.cache.invalidate_job(jobs[1].job_id)
         b.cache.invalidate_lists(ALICE)
+        for each in (a, b):  # each process's counts land in batches: flush them now
+            assert each.cache.flush()
         for view in (a, b):
             counts = view.counts()
             assert counts["hits"] + counts["misses"] == served == counts["total_requests"]
@@ -783,39 +788,60 @@ class CacheContract:
 
     def test_every_script_on_this_server(self, h: Harness) -> None:
         backend = h.cache.backend
-        assert backend is not None
-        jid = 4242
+        assert isinstance(backend, RedisBackend)
+        jid, inc = 4242, ""
 
         def value(version: int) -> bytes:
             return orjson.dumps({"job_id": jid, "version": version})
 
-        assert backend.read_job(jid, "t1", 10_000, {}) == (1, None)  # miss, lease granted
-        assert backend.read_job(jid, "t2", 10_000, {}) == (2, None)  # someone else fills
-        assert backend.fill_job(jid, "t2", 3, value(3), 30, {}) is False  # not t2's lease
-        assert backend.fill_job(jid, "t1", 3, value(3), 30, {}) is True
+        def fill(token: str, rev: str, version: int) -> bool:
+            reply = backend.fill_job(jid, token, rev, version, value(version), 30, inc, 600)
+            assert isinstance(reply, Stored)
+            return reply.stored
+
+        def write(version: int) -> bool:
+            reply = backend.write_job(jid, ALICE, version, value(version), 30, inc, 600)
+            assert isinstance(reply, Stored)
+            return reply.stored
+
+        assert backend.read_job(jid, "t1", 10_000, inc) == Lease("0")  # miss, lease granted
+        busy = backend.read_job(jid, "t2", 10_000, inc)
+        assert isinstance(busy, Busy) and 0 < busy.pttl_ms <= 10_000  # someone else fills
+        assert fill("t1", "0", 3) is True
         assert not h.client.exists(h.keys.lease(jid)), "a fill releases its lease"
-        assert backend.read_job(jid, "t3", 10_000, {}) == (0, value(3))
-        assert backend.publish_job(jid, ALICE, 2, value(2), 30, {}) is False  # older
-        assert backend.publish_job(jid, ALICE, 3, value(3), 30, {}) is False  # same
-        assert backend.publish_job(jid, ALICE, 4, value(4), 30, {}) is True
-        h.client.set(h.keys.job(jid), b"{garbage")  # a writer overwrites what it cannot read
-        assert backend.publish_job(jid, ALICE, 1, value(1), 30, {}) is True
-        assert backend.delete([h.keys.job(jid)], {}) == 1
-        assert backend.read_job(jid, "t4", 10_000, {}) == (1, None)
-        backend.release_lease(jid, "not-t4", {})
-        assert h.client.exists(h.keys.lease(jid))
-        backend.release_lease(jid, "t4", {})
-        assert not h.client.exists(h.keys.lease(jid))
-        assert backend.read_list(ALICE, "p", "e1", 30, {}) == ("e1", None)
-        assert backend.read_list(ALICE, "p", "e2", 30, {}) == ("e1", None)  # the epoch stays
-        assert backend.fill_list(ALICE, "e2", "p", b"[2]", {}) is False
-        assert backend.fill_list(ALICE, "e1", "p", b"[1]", {}) is True
-        assert backend.read_list(ALICE, "p", "e3", 30, {}) == ("e1", b"[1]")
-        assert isinstance(backend, RedisBackend)
-        counters = backend.counters({"errors": 2})
-        assert counters == {"hits": 2, "misses": 4, "errors": 2}
+        hit = backend.read_job(jid, "t3", 10_000, inc)
+        assert hit == Hit(value(3), sealed=True)
+        assert write(2) is False  # older
+        assert write(3) is False  # same, and present
+        assert write(4) is True
+        assert fill("t9", "0", 5) is False, "the writes revoked what was read before them"
+        assert backend.drop_job(jid, revoke=False, floor_ttl=600) == Done()
+        assert backend.read_job(jid, "t4", 10_000, inc) == Lease("3")
+        assert fill("t4", "3", 3) is False, "older than the floor (v4), though the entry is gone"
+        assert fill("t4", "3", 4) is True, "equal to the floor with the entry gone"
+        assert backend.drop_job(jid, revoke=True, floor_ttl=600) == Done()
+        assert backend.read_job(jid, "t5", 10_000, inc) == Lease("4")
+        assert fill("t5", "3", 5) is False, "an invalidation revoked the fill"
+        assert backend.read_job(jid, "t5", 10_000, inc) == Lease("4")  # re-entrant
+        assert backend.fill_missing(jid, "t5", "4", 5, inc) == Stored(False), "the job exists"
+        assert backend.fill_missing(4243, "t6", "0", 5, inc) == Stored(True)
+        assert backend.read_job(4243, "t7", 10_000, inc) == Hit(b"", sealed=True)
+        assert write(6) is True
+        other = backend.read_job(jid, "t8", 10_000, "other-db")
+        assert isinstance(other, Lease), "an entry of another DB incarnation is a miss"
+        assert backend.read_list(ALICE, "p", "e1", 30) == ("e1", None)
+        assert backend.read_list(ALICE, "p", "e2", 30) == ("e1", None)  # the epoch stays
+        assert backend.fill_list(ALICE, "e2", "p", b"[2]") == Stored(False)
+        assert backend.fill_list(ALICE, "e1", "p", b"[1]") == Stored(True)
+        assert backend.read_list(ALICE, "p", "e3", 30) == ("e1", Hit(b"[1]", sealed=True))
+        batch = Batch("b1", (("hits", 2), ("misses", 4)))
+        assert backend.flush_stats([batch, batch]) == [Done(), Done()]
+        counters = backend.counters()
+        assert isinstance(counters, tuple)
+        assert counters[0] == {"hits": 2, "misses": 4}, "a batch counts once"
+        assert counters[1] is not None
         backend.reset_counters()
-        assert backend.counters({}) == {}
+        assert backend.counters() == ({}, None)
         backend.ping()
 
 

@@ -1,0 +1,577 @@
+"""The cache core, model-checked: any interleaving of readers, writers and faults.
+
+`shared.cache.machine.read_job` is sans-IO, so a Hypothesis `RuleBasedStateMachine` can
+step several reads one effect at a time, interleaved with writes (commit and pre-warm as
+separate steps), invalidations, entry eviction, lease expiry, clock steps, Redis errors,
+ambiguous timeouts, pauses and restarts (data lost), a database restore (a new
+incarnation), and corrupt, wrong-type and foreign planted values. Redis is fakeredis
+running the real Lua scripts; the database is a dict. Invariants after every step:
+
+1. a read that starts after a write's pre-warm returned never gets an older version
+   (while no fault was injected since that pre-warm);
+2. no step ever stores an entry older than a version this Redis already stored for that
+   job (same incarnation, same Redis lifetime);
+3. no client ever receives another client's job;
+4. at most one DB read per job per lease period while Redis is healthy;
+5. with no fault injected, the statistics equal the model's counts exactly (checked
+   also after errors, ambiguous timeouts and pauses: only a restart loses counts).
+
+Budget: `MODEL_EXAMPLES` (default 120, derandomized) in `make test`; `make fuzz` runs
+a long randomized budget.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import fakeredis
+import orjson
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from shared.cache import CachePolicy, CircuitBreaker, JobCache, KeySpace
+from shared.cache.backend import CallFailed, RedisBackend
+from shared.cache.errors import ErrorClass
+from shared.cache.machine import (
+    CachedJob,
+    Effect,
+    Failed,
+    FillEntry,
+    Lease,
+    LoadJob,
+    Probe,
+    ReadEntry,
+    ReadResult,
+    Sleep,
+    Source,
+    Why,
+)
+from shared.cache.seal import Sealer
+from shared.schemas import JobStatus, JobView, ProgressInfo, Stage
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
+
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "120"))
+STEPS = int(os.environ.get("MODEL_STEPS", "40"))
+DERANDOMIZE = os.environ.get("MODEL_RANDOM", "") == ""
+
+JOBS = (1, 2)
+CLIENTS = ("alice", "bob")
+LEASE_MS = 60_000  # leases lapse only when the model says so (rule `expire_leases`)
+LEASE_S = LEASE_MS / 1000
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def view(job_id: int, client: str, version: int) -> JobView:
+    return JobView(
+        job_id=job_id,
+        client_id=client,
+        status=JobStatus.RUNNING if version > 1 else JobStatus.QUEUED,
+        progress=ProgressInfo(
+            current_stage=Stage.RENDERING if version > 1 else Stage.QUEUED,
+            scenes_completed=min(version - 1, 1_000),
+            scenes_total=1_000,
+            percent=0.0,
+        ),
+        version=version,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
+class FaultyBackend:
+    """A `RedisBackend` whose next calls fail on demand.
+
+    `armed`: failures for the next calls, each `("refused" | "unavailable", applied)`;
+    `applied=True` is an ambiguous timeout: the call ran in Redis, its answer was lost.
+    `paused`: every call fails (times out) without running.
+    """
+
+    RESULT_METHODS = frozenset(
+        {
+            "read_job",
+            "fill_job",
+            "fill_missing",
+            "write_job",
+            "drop_job",
+            "drop_keys",
+            "read_list",
+            "fill_list",
+            "counters",
+        }
+    )
+
+    def __init__(self, inner: RedisBackend) -> None:
+        self.inner = inner
+        self.sealer = inner.sealer
+        self.armed: list[tuple[str, bool]] = []
+        self.paused = False
+
+    def _fault(self) -> tuple[Failed, bool] | None:
+        if self.paused:
+            return Failed(ErrorClass.UNAVAILABLE, redis.TimeoutError("paused")), False
+        if not self.armed:
+            return None
+        kind, applied = self.armed.pop(0)
+        if kind == "refused":
+            return Failed(ErrorClass.REFUSED, redis.ResponseError("OOM")), applied
+        return Failed(ErrorClass.UNAVAILABLE, redis.TimeoutError("timeout")), applied
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        if not callable(method) or name in ("read_reply", "read_job_culprit", "close"):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            fault = self._fault()
+            if fault is None:
+                return method(*args, **kwargs)
+            failed, applied = fault
+            if applied:
+                method(*args, **kwargs)
+            if name == "flush_stats":
+                return [failed] * len(args[0])
+            if name in self.RESULT_METHODS:
+                return failed
+            raise CallFailed(failed)
+
+        return call
+
+
+@dataclass
+class Reader:
+    cache: JobCache
+    job_id: int
+    client: str
+    machine: Any
+    effect: Effect | None
+    started: float
+    # The version acknowledged by a pre-warm when the read started (invariant 1).
+    floor: int
+    faults_at_start: int
+    incarnation: str
+    owner_at_start: str | None
+    loads: int = 0
+    result: ReadResult | None = None
+    holds_lease: bool = False
+
+
+@dataclass
+class PendingWrite:
+    view: JobView
+    cache_index: int
+
+
+@dataclass
+class Period:
+    """DB reads of one job since its lease was last freed (invariant 4)."""
+
+    loads: int = 0
+    faults: int = 0
+
+
+@dataclass
+class World:
+    jobs: dict[int, JobView] = field(default_factory=dict)
+
+
+class CacheModel(RuleBasedStateMachine):
+    """Drives `JobCache`'s sans-IO core against a reference model (see module docstring)."""
+
+    @initialize(groups=st.sets(st.sampled_from(("faults", "plants", "restore", "time"))))
+    def swarm(self, groups: set[str]) -> None:
+        """Swarm testing: each example enables a subset of the disturbing rule groups, so
+        that plain interleavings of reads and writes are not drowned by faults."""
+        self.setup()
+        self.groups = groups
+
+    def setup(self) -> None:
+        self.server = fakeredis.FakeServer()
+        self.client = fakeredis.FakeRedis(server=self.server)
+        self.keys = KeySpace(namespace="m:")
+        self.sealer = Sealer(b"model secret")
+        self.clock = Clock()
+        self.incarnation = "db-1"
+        self.restores = 0
+        self.db: dict[int, JobView] = {j: view(j, CLIENTS[j % 2], 1) for j in JOBS}
+        self.faults = 0  # every injected fault bumps this
+        self.restarts = 0
+        self.backends: list[FaultyBackend] = []
+        self.caches: list[JobCache] = [self._cache(), self._cache()]
+        self.readers: list[Reader] = []
+        self.retired: list[JobCache] = []  # caches of processes from before a restore
+        self.writes: list[PendingWrite] = []
+        self.acked: dict[int, int] = {}  # job -> newest version whose pre-warm returned
+        self.acked_faults: dict[int, int] = {}  # job -> faults count at that ack
+        self.seen: dict[tuple[int, str], int] = {}  # (job, inc) -> newest version stored
+        self.lease_granted: dict[int, float] = {}  # job -> clock at grant
+        self.periods: dict[int, Period] = {j: Period() for j in JOBS}
+        self.served = {"hits": 0, "misses": 0}
+        self.db_loads = 0
+
+    def _cache(self) -> JobCache:
+        inner = RedisBackend(fakeredis.FakeRedis(server=self.server), self.keys, self.sealer)
+        backend = FaultyBackend(inner)
+        self.backends.append(backend)
+        return JobCache(
+            backend=backend,
+            keys=self.keys,
+            load_job=self._load,
+            write_progress=None,
+            recent_jobs=lambda since: [(j, v.client_id) for j, v in self.db.items()],
+            policy=CachePolicy(
+                lease_ms=LEASE_MS,
+                fill_grace_seconds=0.25,
+                incarnation=self.incarnation,
+                stats_flush_seconds=1e9,
+            ),
+            breaker=CircuitBreaker(threshold=1, reset_seconds=1.0, clock=self.clock),
+            clock=self.clock,
+        )
+
+    def _load(self, job_id: int) -> JobView | None:
+        self.db_loads += 1
+        return self.db.get(job_id)
+
+    def _fault(self) -> None:
+        self.faults += 1
+
+    def _free_lease_period(self, job_id: int) -> None:
+        self.periods[job_id] = Period(faults=self.faults)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    @precondition(lambda self: sum(r.result is None for r in self.readers) < 4)
+    @rule(
+        cache=st.integers(0, 1),
+        job_id=st.sampled_from((*JOBS, 9)),
+        client=st.sampled_from(CLIENTS),
+    )
+    def start_read(self, cache: int, job_id: int, client: str) -> None:
+        machine = self.caches[cache].machine(job_id)
+        owner = self.db.get(job_id)
+        reader = Reader(
+            cache=self.caches[cache],
+            job_id=job_id,
+            client=client,
+            machine=machine,
+            effect=None,
+            started=self.clock.now,
+            floor=self.acked.get(job_id, 0),
+            faults_at_start=self.faults,
+            incarnation=self.incarnation,
+            owner_at_start=owner.client_id if owner else None,
+        )
+        self._advance(reader, None)
+        self.readers.append(reader)
+
+    @rule(
+        cache=st.integers(0, 1),
+        job_id=st.sampled_from((*JOBS, 9)),
+        client=st.sampled_from(CLIENTS),
+    )
+    def quick_read(self, cache: int, job_id: int, client: str) -> None:
+        """A read that runs to its end with nothing interleaved (unless it must wait)."""
+        self.start_read(cache, job_id, client)
+        reader = self.readers[-1]
+        for _ in range(20):
+            if reader.result is not None:
+                return
+            self._step(reader)
+
+    def _advance(self, reader: Reader, reply: object) -> None:
+        try:
+            reader.effect = reader.machine.send(reply)
+        except StopIteration as stop:
+            reader.effect = None
+            reader.result = stop.value
+            self._finished(reader)
+
+    @precondition(lambda self: any(r.result is None for r in self.readers))
+    @rule(pick=st.integers(0, 7))
+    def step_read(self, pick: int) -> None:
+        live = [r for r in self.readers if r.result is None]
+        self._step(live[pick % len(live)])
+
+    def _step(self, reader: Reader) -> None:
+        effect = reader.effect
+        assert effect is not None
+        cache = reader.cache
+        if isinstance(effect, LoadJob):
+            reader.loads += 1
+            period = self.periods.get(effect.job_id)
+            if period is not None and reader.holds_lease:
+                period.loads += 1
+            reply: object = self._load(effect.job_id)
+        elif isinstance(effect, Sleep):
+            self._tick(effect.seconds)
+            reply = None
+        elif isinstance(effect, Probe):
+            reply = cache.recover(effect.ticket)
+        else:
+            reply = cache._perform(effect)
+            if isinstance(effect, ReadEntry):
+                reader.holds_lease = isinstance(reply, Lease)
+                if reader.holds_lease:
+                    self.lease_granted.setdefault(effect.job_id, self.clock.now)
+            if isinstance(effect, FillEntry):
+                self.lease_granted.pop(effect.job_id, None)
+                self._free_lease_period(effect.job_id)
+        self._advance(reader, reply)
+
+    def _finished(self, reader: Reader) -> None:
+        result = reader.result
+        assert result is not None
+        if result.source is Source.CACHE:
+            self.served["hits"] += 1
+        else:
+            self.served["misses"] += 1
+        job = result.job
+        if job is None:
+            return
+        # 3. never another client's job: what we serve is the job of the asked id, owned
+        # by its owner in the database (before or after a restore during the read).
+        assert job.view.job_id == reader.job_id
+        owners = {reader.owner_at_start, self.db[reader.job_id].client_id}
+        assert job.view.client_id in owners, f"served {job.view.client_id}'s job to {owners}"
+        # 1. fresh after write.
+        if (
+            reader.incarnation == self.incarnation
+            and self.faults == reader.faults_at_start
+            and self.acked_faults.get(reader.job_id, -1) == reader.faults_at_start
+        ):
+            assert job.view.version >= reader.floor, (
+                f"read of job {reader.job_id} got v{job.view.version} after "
+                f"v{reader.floor}'s pre-warm returned"
+            )
+
+    # -- writes -----------------------------------------------------------------------------
+
+    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    def commit(self, job_id: int, cache: int) -> None:
+        """A write commits in the database; its pre-warm is a later step."""
+        current = self.db[job_id]
+        new = view(job_id, current.client_id, current.version + 1)
+        self.db[job_id] = new
+        self.writes.append(PendingWrite(new, cache))
+
+    @precondition(lambda self: bool(self.writes))
+    @rule(pick=st.integers(0, 3))
+    def prewarm(self, pick: int) -> None:
+        write = self.writes.pop(pick % len(self.writes))
+        faults = self.faults
+        returned = self.caches[write.cache_index].publish(write.view)
+        self._free_lease_period(write.view.job_id)
+        self.lease_granted.pop(write.view.job_id, None)
+        if (
+            returned
+            and write.view.version > self.acked.get(write.view.job_id, 0)
+            and self.db[write.view.job_id].client_id == write.view.client_id
+            and faults == self.faults
+        ):
+            self.acked[write.view.job_id] = write.view.version
+            self.acked_faults[write.view.job_id] = self.faults
+
+    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    def invalidate(self, job_id: int, cache: int) -> None:
+        self.caches[cache].invalidate_job(job_id)
+        self._free_lease_period(job_id)
+        self.lease_granted.pop(job_id, None)
+
+    # -- time and Redis's own behaviour -----------------------------------------------------
+
+    def _tick(self, seconds: float) -> None:
+        self.clock.now += seconds
+        for job_id, granted in list(self.lease_granted.items()):
+            if self.clock.now - granted >= LEASE_S:
+                self._expire_lease(job_id)
+
+    def _expire_lease(self, job_id: int) -> None:
+        self.client.delete(self.keys.lease(job_id))
+        self.lease_granted.pop(job_id, None)
+        self._free_lease_period(job_id)
+
+    @precondition(lambda self: "time" in self.groups)
+    @rule(seconds=st.sampled_from((0.01, 0.3, 1.5, 61.0)))
+    def clock_step(self, seconds: float) -> None:
+        self._tick(seconds)
+
+    @precondition(lambda self: "time" in self.groups)
+    @rule(job_id=st.sampled_from(JOBS))
+    def expire_lease(self, job_id: int) -> None:
+        """A lease holder died: its lease lapses."""
+        self._expire_lease(job_id)
+
+    @rule(job_id=st.sampled_from(JOBS))
+    def evict(self, job_id: int) -> None:
+        """maxmemory eviction of the entry alone."""
+        self.client.delete(self.keys.job(job_id))
+        self._free_lease_period(job_id)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    @precondition(lambda self: "faults" in self.groups)
+    @rule(
+        cache=st.integers(0, 1),
+        kind=st.sampled_from(("unavailable", "refused")),
+        applied=st.booleans(),
+    )
+    def redis_error(self, cache: int, kind: str, applied: bool) -> None:
+        self._fault()
+        self.backends[-2 + cache].armed.append((kind, applied))
+
+    @precondition(lambda self: "faults" in self.groups)
+    @rule()
+    def pause(self) -> None:
+        self._fault()
+        for backend in self.backends:
+            backend.paused = True
+
+    @precondition(lambda self: "faults" in self.groups)
+    @rule()
+    def resume(self) -> None:
+        for backend in self.backends:
+            backend.paused = False
+
+    @precondition(lambda self: "faults" in self.groups)
+    @rule()
+    def restart(self) -> None:
+        """Redis restarts without persistence: data and scripts are gone."""
+        self._fault()
+        self.restarts += 1
+        self.client.flushall()
+        self.client.script_flush()
+        self.seen.clear()
+        self.lease_granted.clear()
+        for job_id in JOBS:
+            self._free_lease_period(job_id)
+
+    @precondition(lambda self: "restore" in self.groups)
+    @rule()
+    def restore_database(self) -> None:
+        """Another database (restored, or recreated: ids and versions repeat, owners
+        differ) behind the same Redis."""
+        self.restores += 1
+        self.incarnation = f"db-{self.restores + 1}"
+        self.db = {j: view(j, CLIENTS[(j + self.restores) % 2], 1) for j in JOBS}
+        self.writes.clear()
+        self.acked.clear()
+        self.acked_faults.clear()
+        self.retired.extend(self.caches)
+        self.caches = [self._cache(), self._cache()]
+        for job_id in JOBS:
+            self._free_lease_period(job_id)
+
+    # -- planted values ---------------------------------------------------------------------
+
+    @precondition(lambda self: "plants" in self.groups)
+    @rule(job_id=st.sampled_from(JOBS), what=st.sampled_from(("garbage", "wrongtype", "forged")))
+    def plant(self, job_id: int, what: str) -> None:
+        key = self.keys.job(job_id)
+        if what == "garbage":
+            self.client.set(key, b"\xff not json")
+        elif what == "wrongtype":
+            self.client.delete(key)
+            self.client.hset(key, "x", "y")
+        else:
+            forged = view(job_id, "mallory", 10_000).to_json()
+            self.client.set(key, forged)
+            self.client.set(self.keys.seal(job_id), Sealer(b"another key").seal(key, forged))
+        self._free_lease_period(job_id)
+
+    # -- statistics ------------------------------------------------------------------------
+
+    @rule(cache=st.integers(0, 1))
+    def flush(self, cache: int) -> None:
+        """The periodic flusher of one process runs now."""
+        self.caches[cache].flush()
+
+    @precondition(lambda self: self.restarts == 0)
+    @rule()
+    def statistics_are_exact(self) -> None:
+        """5. The global statistics equal the model's counts exactly: with no fault, and
+        also after errors, ambiguous timeouts and pauses (batches land once); only a
+        restart without persistence loses counts (and says so: `since`)."""
+        if any(b.paused or b.armed for b in self.backends):
+            return
+        self._tick(1.5)  # past the breaker's reset: a flush runs the probe first
+        for cache in [*self.caches, *self.retired]:
+            assert any(cache.flush() for _ in range(3)), "a flush did not land"
+        stats = self.caches[0].stats()["statistics"]
+        assert isinstance(stats, dict)
+        assert (stats["hits"], stats["misses"]) == (self.served["hits"], self.served["misses"])
+
+    # -- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def nothing_older_than_a_stored_version_is_stored(self) -> None:
+        """2. Entries never go below a version this Redis already stored (per incarnation)."""
+        if not hasattr(self, "keys"):
+            return
+        for job_id in JOBS:
+            key = self.keys.job(job_id)
+            if self.client.type(key) not in (b"string", "string"):
+                continue
+            raw: Any = self.client.get(key)
+            seal: Any = self.client.get(self.keys.seal(job_id))
+            if not raw or not self.sealer.verify(key, raw, seal):
+                continue  # a tombstone, or a planted value (never served: invariant 3)
+            version = int(orjson.loads(raw)["version"])
+            inc: Any = self.client.hget(self.keys.floor(job_id), "inc")
+            inc_text = inc.decode() if inc is not None else ""
+            seen = self.seen.get((job_id, inc_text), 0)
+            assert version >= seen, f"job {job_id}: v{version} stored after v{seen}"
+            self.seen[(job_id, inc_text)] = version
+
+    @invariant()
+    def one_db_read_per_lease_period_while_healthy(self) -> None:
+        """4. While Redis is healthy, a job's lease admits one DB read per period."""
+        if not hasattr(self, "periods"):
+            return
+        for job_id, period in self.periods.items():
+            if period.faults == self.faults:
+                assert period.loads <= 1, f"job {job_id}: {period.loads} DB reads in one period"
+
+    def teardown(self) -> None:
+        if hasattr(self, "caches"):
+            for cache in [*self.caches, *self.retired]:
+                cache.breaker = CircuitBreaker()  # no probes at close
+
+
+TestCacheModel = CacheModel.TestCase
+TestCacheModel.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    derandomize=DERANDOMIZE,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def test_the_model_notices_a_served_foreign_job() -> None:
+    """The checker can fail: a read result naming another owner trips invariant 3."""
+    model = CacheModel()
+    model.setup()
+    reader = Reader(model.caches[0], 1, "bob", None, None, 0.0, 0, 0, "db-1", "bob")
+    reader.result = ReadResult(
+        job=CachedJob.of(view(1, "mallory", 1)),
+        source=Source.CACHE,
+        why=Why.HIT,
+    )
+    with pytest.raises(AssertionError):
+        model._finished(reader)
