@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from shared import jobs
 from shared.cache import CachePolicy, CircuitBreaker, JobCache, KeySpace, configure
+from shared.cache.redis_url import parse_redis_url
 from shared.db import SessionFactory, build_engine, build_session_factory, run_read
 from shared.schemas import JobView, ProgressUpdate, UpdateOutcome
 from shared.settings import Settings
@@ -82,18 +83,12 @@ def build_cache(
     )
 
 
-class UnsupportedRedisMode(ValueError):
-    """REDIS_MODE names a topology this version cannot talk to yet."""
-
-
 def _build_backend(settings: Settings, keys: KeySpace, redis_client: Any) -> Any:
-    if settings.redis_mode != "standalone" and settings.redis_url:
-        # Refuse loudly rather than treat a Sentinel or Cluster address as one server.
-        raise UnsupportedRedisMode(
-            f"REDIS_MODE={settings.redis_mode} is not supported yet: use REDIS_MODE=standalone "
-            "(a single Redis or a proxy in front of the topology), or REDIS_URL= to run "
-            "without the cache"
-        )
+    if settings.redis_url:
+        # A wrong REDIS_URL stops the process here, naming the wrong part (never the
+        # password), instead of failing on the first request.
+        spec = parse_redis_url(settings.redis_url, settings.redis_mode)
+        logger.info("cache: Redis %s", spec.describe())
     if redis_client is None and not settings.redis_url:
         logger.info("caching is off (REDIS_URL is empty): every read goes to the database")
         return None
@@ -104,7 +99,11 @@ def _build_backend(settings: Settings, keys: KeySpace, redis_client: Any) -> Any
         logger.warning("caching is off: the redis package is not importable")
         return None
     if redis_client is None:
-        redis_client = connect(settings.redis_url, socket_timeout=settings.redis_socket_timeout)
+        redis_client = connect(
+            settings.redis_url,
+            socket_timeout=settings.redis_socket_timeout,
+            mode=settings.redis_mode,
+        )
     secret = settings.cache_seal_key.get_secret_value()
     if not secret:
         logger.warning(

@@ -12,28 +12,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.retry import Retry
 
 from shared.cache import scripts
+from shared.cache.connection import sync_client
 from shared.cache.errors import CacheError, CorruptEntry
 from shared.cache.keys import KeySpace
+from shared.cache.redis_url import Mode, parse_redis_url
 from shared.cache.seal import Sealer, page_key
 
 _SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in scripts.ALL.items()}  # noqa: S324
 
 
-def connect(url: str, *, socket_timeout: float) -> redis.Redis:
-    """A client with short timeouts and no hidden retries (the breaker decides)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        max_connections=64,
-    )
+def connect(url: str, *, socket_timeout: float, mode: Mode = "standalone") -> Any:
+    """A client with short timeouts and no hidden retries (the breaker decides), for any
+    REDIS_URL form (shared.cache.connection); `mode` is REDIS_MODE."""
+    return sync_client(parse_redis_url(url, mode), socket_timeout=socket_timeout)
 
 
 class RedisBackend:
