@@ -70,6 +70,26 @@ class LazyRedisCluster:
             self._client.close()
 
 
+class SentinelMaster(redis.Redis):
+    """The master `Sentinel.master_for` names; closing it closes its sentinel clients too."""
+
+    def close(self) -> None:
+        super().close()
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            sentinel.close()
+
+
+class AsyncSentinelMaster(redis.asyncio.Redis):
+    """`SentinelMaster` on asyncio."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
+
+
 def _common(spec: RedisSpec, socket_timeout: float) -> dict[str, Any]:
     """Connection options shared by every topology (the URL's options win)."""
     kwargs: dict[str, Any] = {
@@ -151,6 +171,7 @@ def sync_client(
         )
         master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             spec.service_name,
+            redis_class=SentinelMaster,
             db=spec.db,
             retry=Retry(NoBackoff(), 0),
             max_connections=pool_size,
@@ -192,6 +213,7 @@ def async_client(
         )
         master: redis.asyncio.Redis = sentinel.master_for(
             spec.service_name,
+            redis_class=AsyncSentinelMaster,
             db=spec.db,
             retry=_async_no_retry(),
             max_connections=pool_size,
@@ -233,16 +255,31 @@ def renew_async(client: AsyncClient) -> AsyncClient:
         )
     pool = client.connection_pool
     if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+        # Its own sentinel clients too: closing the retired client closes its own.
+        old_manager = pool.sentinel_manager
+        manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+            [
+                (
+                    s.connection_pool.connection_kwargs["host"],
+                    s.connection_pool.connection_kwargs["port"],
+                )
+                for s in old_manager.sentinels
+            ],
+            min_other_sentinels=old_manager.min_other_sentinels,
+            sentinel_kwargs=old_manager.sentinel_kwargs,
+            **old_manager.connection_kwargs,
+        )
         kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
         fresh: redis.asyncio.ConnectionPool = redis.asyncio.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
             pool.service_name,
-            pool.sentinel_manager,
+            manager,
             is_master=pool.is_master,
             check_connection=pool.check_connection,
             connection_class=pool.connection_class,
             max_connections=pool.max_connections,
             **kwargs,
         )
+        return AsyncSentinelMaster(connection_pool=fresh)
     else:
         fresh = pool.__class__(
             connection_class=pool.connection_class,
