@@ -108,7 +108,8 @@ class Node:
 def _server_args(port: int, workdir: Path, *extra: str) -> list[str]:
     return [
         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(workdir), *extra,
+        "--dir", str(workdir), "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
+        *extra,
     ]  # fmt: skip
 
 
@@ -321,19 +322,32 @@ class Cluster:
                 continue
             client = node.client()
             try:
-                raw = client.execute_command("CLUSTER NODES")
+                nodes: Any = client.execute_command("CLUSTER NODES")
             finally:
                 client.close()
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            result = []
             by_port = {n.port: n for n in self.nodes}
-            for line in text.splitlines():
-                fields = line.split()
-                if "master" in fields[2] and "fail" not in fields[2]:
-                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-                    result.append((by_port[port], fields[0]))
+            result = []
+            for address, info in nodes.items():
+                flags = str(info["flags"])
+                if "master" in flags and "fail" not in flags and info.get("connected", True):
+                    result.append((by_port[int(address.rsplit(":", 1)[1])], str(info["node_id"])))
             return result
         raise AssertionError("no cluster node is alive")
+
+    def replicas_synced(self) -> bool:
+        for node in self.nodes:
+            if node.proc is None or not node.proc.alive():
+                continue
+            client = node.client(socket_timeout=1)
+            try:
+                info: Any = client.info("replication")
+            except (redis.RedisError, OSError):
+                return False
+            finally:
+                client.close()
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
 
     def state_ok(self) -> bool:
         for node in self.nodes:
@@ -341,13 +355,12 @@ class Cluster:
                 continue
             client = node.client(socket_timeout=1)
             try:
-                info = client.execute_command("CLUSTER INFO")
+                info: Any = client.execute_command("CLUSTER INFO")
             except (redis.RedisError, OSError):
                 return False
             finally:
                 client.close()
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            if "cluster_state:ok" not in text:
+            if info.get("cluster_state") != "ok":
                 return False
         return True
 
@@ -382,6 +395,8 @@ def redis_cluster(tmp_path: Path, *, masters: int = 3, replicas: int = 1) -> Ite
             "--cluster-replicas", str(replicas), "--cluster-yes",
         )  # fmt: skip
         wait_until(cluster.state_ok, timeout=30, interval=0.2, what="cluster_state:ok everywhere")
+        # A replica that never finished its first sync cannot take over its master.
+        wait_until(cluster.replicas_synced, timeout=60, interval=0.2, what="every replica in sync")
         # --cluster create gives the first `masters` addresses the masters.
         yield cluster
 

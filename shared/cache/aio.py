@@ -194,7 +194,8 @@ class AsyncJobReader:
         async with self.client.pipeline(transaction=False) as pipe:
             for field, amount in deltas.items():
                 pipe.hincrby(self.cache.keys.stats(), field, amount)
-            pipe.evalsha(SCRIPT_SHAS["read_job"], READ_JOB_KEYS, *args)
+            # Not `pipe.evalsha`: redis-py's cluster pipeline blocks that method.
+            pipe.execute_command("EVALSHA", SCRIPT_SHAS["read_job"], READ_JOB_KEYS, *args)
             results = await pipe.execute(raise_on_error=False)
         landed = not any(isinstance(r, Exception) for r in results[:-1])
         reply = results[-1]

@@ -81,7 +81,8 @@ class RedisBackend:
         for command, args in calls:
             if command == "script":
                 name, keys, argv = args
-                pipe.evalsha(_SHAS[name], len(keys), *keys, *argv)
+                # Not `pipe.evalsha`: redis-py's cluster pipeline blocks that method.
+                pipe.execute_command("EVALSHA", _SHAS[name], len(keys), *keys, *argv)  # type: ignore[no-untyped-call]
             else:
                 pipe.execute_command(command, *args)  # type: ignore[no-untyped-call]
         results = pipe.execute(raise_on_error=False)
