@@ -334,3 +334,60 @@ def _all_pollers_served_from_redis_after(load: Load, since: float, *, timeout: f
 
 
 __all__ = ["statistics"]
+
+
+@pytest.mark.failover
+def test_the_asyncio_read_path_survives_a_sigkill_of_the_master(
+    sentinels: SentinelSetup, db: Any, client_factory: Callable[[], Any]
+) -> None:
+    """The API's hot read (shared.cache.aio) renews its pool after an outage: on a
+    Sentinel pool that must keep asking the sentinels (a copy of a plain pool would not)."""
+    from shared.cache.aio import AsyncJobReader
+
+    h = make_harness(client_factory, db, "aio", real_clock=True, reset_seconds=1.0)
+    jobs = [h.new_job().job_id for _ in range(3)]
+    for job in jobs:
+        h.cache.update_progress(job, STEPS[0])
+    errors: list[str] = []
+    stale: list[str] = []
+
+    async def main() -> tuple[float, float]:
+        reader = AsyncJobReader(h.cache, connect_async(sentinels.url(), socket_timeout=0.5))
+        try:
+            killed = promoted = resumed = 0.0
+            start = time.monotonic()
+            while time.monotonic() - start < 40:
+                for job in jobs:
+                    floor = h.db_version(job)
+                    before = h.load.call_count
+                    try:
+                        got = await reader.get(job)
+                    except Exception as exc:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    if got is None or got.view.version < floor:
+                        stale.append(f"job {job}: {got and got.view.version} < {floor}")
+                    if promoted and not resumed and h.load.call_count == before:
+                        resumed = time.monotonic()
+                if not killed and time.monotonic() - start > 1:
+                    killed = time.monotonic()
+                    old = sentinels.current_master()
+                    old.kill()
+                    h.cache.update_progress(jobs[0], STEPS[1])  # lands in the DB only
+                if killed and not promoted:
+                    address = sentinels.master_address()
+                    if address is not None and address[1] != old.port:
+                        promoted = time.monotonic()
+                if resumed:
+                    break
+                await asyncio.sleep(0.01)
+            return promoted - killed, resumed - promoted
+        finally:
+            await reader.close()
+
+    promotion, resume = asyncio.run(main())
+    print(f"asyncio reader: promotion {promotion:.2f}s, resumed {resume:.2f}s after it")
+    assert errors == []
+    assert stale == []
+    assert promotion > 0, "the sentinels never promoted the replica"
+    assert 0 < resume <= 2.0 + _slack()
