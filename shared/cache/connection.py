@@ -279,14 +279,15 @@ def renew_async(client: AsyncClient) -> AsyncClient:
             max_connections=pool.max_connections,
             **kwargs,
         )
-        return AsyncSentinelMaster(connection_pool=fresh)
+        # from_pool: the client owns the pool, so closing the client closes it.
+        return AsyncSentinelMaster.from_pool(fresh)
     else:
         fresh = pool.__class__(
             connection_class=pool.connection_class,
             max_connections=pool.max_connections,
             **pool.connection_kwargs,
         )
-    return redis.asyncio.Redis(connection_pool=fresh)
+    return redis.asyncio.Redis.from_pool(fresh)
 
 
 def _async_no_retry() -> Any:

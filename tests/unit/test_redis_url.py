@@ -204,3 +204,11 @@ def test_redact_hides_every_password(url: str, shown: str | None) -> None:
     assert PW not in redacted
     if shown is not None:
         assert redacted == shown
+
+
+def test_the_settings_redaction_hides_a_sentinel_password_too() -> None:
+    from shared.settings import redact_url
+
+    shown = redact_url(f"redis+sentinel://:{PW}@s1,s2/m?sentinel_password={PW}x&db=1")
+    assert PW not in shown
+    assert shown == "redis+sentinel://:***@s1,s2/m?sentinel_password=***&db=1"
