@@ -8,6 +8,9 @@ manager stops every node (SIGTERM, then SIGKILL of the group).
     with sentinel_setup(tmp_path) as s:         # master + replica + 3 sentinels
     with redis_cluster(tmp_path) as c:          # 3 masters (+ 1 replica each)
 
+`Load` drives a writer and pollers (each its own JobCache) while a test breaks the
+topology, recording errors and any version older than the DB's that was served.
+
 `need_redis_binaries()` skips loudly without `redis-server`/`redis-cli` and fails when CI
 is set (tests/conftest.py `require`).
 """
@@ -19,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
@@ -28,6 +32,7 @@ from typing import Any
 
 import redis
 
+from tests.cache_helpers import STEPS, Harness
 from tests.conftest import require
 from tests.procs import ServiceProcess, wait_until
 
@@ -405,3 +410,85 @@ def wait_for(predicate: Any, *, timeout: float, what: str) -> float:
     """`wait_until` that returns the monotonic time at which `predicate` first held."""
     wait_until(predicate, timeout=timeout, interval=0.02, what=what)
     return time.monotonic()
+
+
+# -- load under failover --------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """A writer walking jobs through their steps and pollers reading them, each its own
+    JobCache (as separate processes would hold), all recording what they saw."""
+
+    writer: Harness
+    pollers: list[Harness]
+    jobs: list[int] = field(default_factory=list)
+    committed: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    reads: int = 0
+    writes: int = 0
+    # (monotonic time, poller index, served from Redis?) of every read
+    served: list[tuple[float, int, bool]] = field(default_factory=list)
+
+    def write_forever(self) -> None:
+        steps: dict[int, int] = {}
+        while not self.stop.is_set():
+            with self.lock:
+                live = [j for j in self.jobs if steps.get(j, 0) < len(STEPS)]
+            if len(live) < 4:
+                job = self.writer.new_job().job_id
+                with self.lock:
+                    self.jobs.append(job)
+                    self.committed[job] = 1
+                continue
+            for job in live:
+                try:
+                    self.writer.cache.update_progress(job, STEPS[steps.get(job, 0)])
+                except Exception as exc:
+                    self.errors.append(f"write: {type(exc).__name__}: {exc}")
+                    continue
+                steps[job] = steps.get(job, 0) + 1
+                with self.lock:
+                    self.committed[job] = self.writer.db_version(job)
+                    self.writes += 1
+                time.sleep(0.01)
+
+    def poll_forever(self, index: int) -> None:
+        h = self.pollers[index]
+        while not self.stop.is_set():
+            with self.lock:
+                snapshot = dict(self.committed)
+            for job, floor in snapshot.items():
+                before = h.load.call_count
+                try:
+                    got = h.cache.get(job)
+                except Exception as exc:
+                    self.errors.append(f"read: {type(exc).__name__}: {exc}")
+                    continue
+                from_redis = h.load.call_count == before
+                now = time.monotonic()
+                with self.lock:
+                    self.reads += 1
+                    self.served.append((now, index, from_redis))
+                    if got is None or got.view.version < floor:
+                        version = None if got is None else got.view.version
+                        self.stale.append(f"job {job}: served v{version}, DB had v{floor}")
+            time.sleep(0.005)
+
+
+def served_from_redis_after(load: Load, since: float, *, timeout: float) -> float:
+    """When every poller of `load` had been served from Redis at least once after `since`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with load.lock:
+            firsts: dict[int, float] = {}
+            for when, index, from_redis in load.served:
+                if when >= since and from_redis and index not in firsts:
+                    firsts[index] = when
+        if len(firsts) == len(load.pollers):
+            return max(firsts.values())
+        time.sleep(0.05)
+    raise AssertionError(f"not every poller was served from Redis within {timeout}s")

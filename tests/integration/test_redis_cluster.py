@@ -18,8 +18,7 @@ import pytest
 
 from shared.cache.backend import connect
 from tests.cache_helpers import make_harness, open_db
-from tests.integration.test_redis_sentinel import Load
-from tests.topologies import Cluster, redis_cluster
+from tests.topologies import Cluster, Load, redis_cluster, served_from_redis_after
 from tests.unit.test_cache_contract import CacheContract
 
 pytestmark = [pytest.mark.redis]
@@ -156,7 +155,7 @@ def test_a_master_killed_under_load_costs_no_error_and_serves_nothing_stale(
             assert time.monotonic() < deadline, "the replica never took over"
             time.sleep(0.05)
         promoted = time.monotonic()
-        resumed = _served_from_redis_after(load, promoted, timeout=20)
+        resumed = served_from_redis_after(load, promoted, timeout=20)
         return (
             f"cluster failover: replica promoted {promoted - killed:.2f}s after SIGKILL, "
             f"caching resumed {resumed - promoted:.2f}s after the promotion"
@@ -193,7 +192,7 @@ def test_a_slot_migrating_during_polls_costs_no_error_and_serves_nothing_stale(
         )  # fmt: skip
         moved = time.monotonic()
         # Not vacuous: after the move every poller is served from Redis again.
-        resumed = _served_from_redis_after(load, moved, timeout=20)
+        resumed = served_from_redis_after(load, moved, timeout=20)
         return (
             f"cluster reshard: 2000 slots moved in {moved - started:.2f}s, every poller "
             f"served from Redis {resumed - moved:.2f}s later"
@@ -212,17 +211,3 @@ def test_a_slot_migrating_during_polls_costs_no_error_and_serves_nothing_stale(
     assert load.reads > 100, report
     assert load.errors == [], report + "\n" + "\n".join(load.errors[:10])
     assert load.stale == [], report + "\n" + "\n".join(load.stale[:10])
-
-
-def _served_from_redis_after(load: Load, since: float, *, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with load.lock:
-            firsts: dict[int, float] = {}
-            for when, index, from_redis in load.served:
-                if when >= since and from_redis and index not in firsts:
-                    firsts[index] = when
-        if len(firsts) == len(load.pollers):
-            return max(firsts.values())
-        time.sleep(0.05)
-    raise AssertionError(f"not every poller was served from Redis within {timeout}s")

@@ -8,11 +8,9 @@ marked `failover` (slow); the others check the wiring and the READONLY trap.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,8 @@ import redis
 
 from shared.cache.aio import connect_async
 from shared.cache.backend import connect
-from tests.cache_helpers import STEPS, Harness, make_harness, open_db
-from tests.topologies import SentinelSetup, sentinel_setup
+from tests.cache_helpers import STEPS, make_harness, open_db
+from tests.topologies import Load, SentinelSetup, sentinel_setup, served_from_redis_after
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
 
@@ -206,70 +204,6 @@ def _eventually(predicate: Callable[[], bool], *, timeout: float) -> bool:
 # -- the failover under load -------------------------------------------------------------------
 
 
-@dataclass
-class Load:
-    """A writer walking jobs through their steps and pollers reading them, each its own
-    JobCache (as separate processes would hold), all recording what they saw."""
-
-    writer: Harness
-    pollers: list[Harness]
-    jobs: list[int] = field(default_factory=list)
-    committed: dict[int, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-    errors: list[str] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
-    reads: int = 0
-    writes: int = 0
-    # (monotonic time, poller index, served from Redis?) of every read
-    served: list[tuple[float, int, bool]] = field(default_factory=list)
-
-    def write_forever(self) -> None:
-        steps: dict[int, int] = {}
-        while not self.stop.is_set():
-            with self.lock:
-                live = [j for j in self.jobs if steps.get(j, 0) < len(STEPS)]
-            if len(live) < 4:
-                job = self.writer.new_job().job_id
-                with self.lock:
-                    self.jobs.append(job)
-                    self.committed[job] = 1
-                continue
-            for job in live:
-                try:
-                    self.writer.cache.update_progress(job, STEPS[steps.get(job, 0)])
-                except Exception as exc:
-                    self.errors.append(f"write: {type(exc).__name__}: {exc}")
-                    continue
-                steps[job] = steps.get(job, 0) + 1
-                with self.lock:
-                    self.committed[job] = self.writer.db_version(job)
-                    self.writes += 1
-                time.sleep(0.01)
-
-    def poll_forever(self, index: int) -> None:
-        h = self.pollers[index]
-        while not self.stop.is_set():
-            with self.lock:
-                snapshot = dict(self.committed)
-            for job, floor in snapshot.items():
-                before = h.load.call_count
-                try:
-                    got = h.cache.get(job)
-                except Exception as exc:
-                    self.errors.append(f"read: {type(exc).__name__}: {exc}")
-                    continue
-                from_redis = h.load.call_count == before
-                now = time.monotonic()
-                with self.lock:
-                    self.reads += 1
-                    self.served.append((now, index, from_redis))
-                    if got is None or got.view.version < floor:
-                        version = None if got is None else got.view.version
-                        self.stale.append(f"job {job}: served v{version}, DB had v{floor}")
-            time.sleep(0.005)
-
-
 @pytest.mark.failover
 def test_sigkill_of_the_master_under_load_costs_no_error_and_serves_nothing_stale(
     sentinels: SentinelSetup, db: Any, client_factory: Callable[[], Any]
@@ -293,7 +227,7 @@ def test_sigkill_of_the_master_under_load_costs_no_error_and_serves_nothing_stal
         killed_at = time.monotonic()
         old.kill()
         promoted_at = wait_until_master_is_not(sentinels, old.port, timeout=60)
-        resumed_at = _all_pollers_served_from_redis_after(load, promoted_at, timeout=20)
+        resumed_at = served_from_redis_after(load, promoted_at, timeout=20)
         time.sleep(2.0)
     finally:
         load.stop.set()
@@ -317,23 +251,6 @@ def _slack() -> float:
     """Room for a machine shared by many test runs: the target stays 2 s (README), the
     test only fails when the figure is clearly off it."""
     return 1.0
-
-
-def _all_pollers_served_from_redis_after(load: Load, since: float, *, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with load.lock:
-            firsts: dict[int, float] = {}
-            for when, index, from_redis in load.served:
-                if when >= since and from_redis and index not in firsts:
-                    firsts[index] = when
-        if len(firsts) == len(load.pollers):
-            return max(firsts.values())
-        time.sleep(0.05)
-    raise AssertionError(f"not every poller was served from Redis within {timeout}s")
-
-
-__all__ = ["statistics"]
 
 
 @pytest.mark.failover
