@@ -475,7 +475,10 @@ class Load:
                     self.served.append((now, index, from_redis))
                     if got is None or got.view.version < floor:
                         version = None if got is None else got.view.version
-                        self.stale.append(f"job {job}: served v{version}, DB had v{floor}")
+                        self.stale.append(
+                            f"job {job}: served v{version}, DB had v{floor} "
+                            f"(poller {index}, t={now:.3f}, from Redis: {from_redis})"
+                        )
             time.sleep(0.005)
 
 

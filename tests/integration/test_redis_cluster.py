@@ -158,7 +158,8 @@ def test_a_master_killed_under_load_costs_no_error_and_serves_nothing_stale(
         resumed = served_from_redis_after(load, promoted, timeout=20)
         return (
             f"cluster failover: replica promoted {promoted - killed:.2f}s after SIGKILL, "
-            f"caching resumed {resumed - promoted:.2f}s after the promotion"
+            f"caching resumed {resumed - promoted:.2f}s after the promotion "
+            f"(t: kill {killed:.3f}, promotion {promoted:.3f})"
         )
 
     try:
