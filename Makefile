@@ -14,11 +14,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 UV := $(shell command -v uv 2>/dev/null || echo .venv-tools/bin/uv)
 
-.PHONY: help venv lint test demo up bench fuzz
+.PHONY: help venv lint test test-failover demo up bench fuzz
 
 help:
 	@echo "make demo   run a short demo of the whole flow"
 	@echo "make test   lint, then every test suite (unit, integration, e2e, faults)"
+	@echo "make test-failover   the slow Redis Sentinel/Cluster failover runs"
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make up     migrate, then run api, worker, beat and flower in the foreground"
 	@echo "make bench  run the benchmark"
@@ -40,8 +41,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collected no test: that fails this target like any failure.
+# The slow failover runs (Redis nodes killed under load) are `make test-failover`.
 test: lint
-	$(BIN)/pytest -p no:cacheprovider
+	$(BIN)/pytest -p no:cacheprovider -m "not failover"
+
+test-failover: $(STAMP)
+	$(BIN)/pytest -p no:cacheprovider -m failover
 
 demo: $(STAMP)
 	$(BIN)/renderwatch demo

@@ -114,7 +114,9 @@ def async_redis(settings: Settings, redis_client: Any) -> Any:
         from shared.cache.aio import connect_async
     except ImportError:
         return None
-    return connect_async(settings.redis_url, socket_timeout=settings.redis_socket_timeout)
+    return connect_async(
+        settings.redis_url, socket_timeout=settings.redis_socket_timeout, mode=settings.redis_mode
+    )
 
 
 def stop_services(services: Services) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from shared import jobs
 from shared.cache import CachePolicy, CircuitBreaker, JobCache, KeySpace, configure
+from shared.cache.redis_url import parse_redis_url
 from shared.cache.seal import Sealer
 from shared.db import SessionFactory, build_engine, build_session_factory, run_read
 from shared.meta import database_incarnation, default_namespace
@@ -90,7 +91,10 @@ def build_cache(
     `incarnation`: the database's, as `Runtime.start` read it (`read_incarnation`); None
     reads it here when caching is configured. Empty: unknown, so caching stays off.
     """
-    _check_redis_mode(settings)
+    if settings.redis_url:
+        # A wrong REDIS_URL stops the process here, naming the wrong part (never the
+        # password), even when the database is not up yet.
+        parse_redis_url(settings.redis_url, settings.redis_mode)
 
     def load_job(job_id: int) -> JobView | None:
         return run_read(sessions, lambda session: jobs.get_job(job_id, session=session))
@@ -173,21 +177,11 @@ def cache_namespace(settings: Settings, incarnation: str) -> str:
     return f"{default_namespace(incarnation)}:"
 
 
-class UnsupportedRedisMode(ValueError):
-    """REDIS_MODE names a topology this version cannot talk to yet."""
-
-
-def _check_redis_mode(settings: Settings) -> None:
-    if settings.redis_mode != "standalone" and settings.redis_url:
-        # Refuse loudly rather than treat a Sentinel or Cluster address as one server.
-        raise UnsupportedRedisMode(
-            f"REDIS_MODE={settings.redis_mode} is not supported yet: use REDIS_MODE=standalone "
-            "(a single Redis or a proxy in front of the topology), or REDIS_URL= to run "
-            "without the cache"
-        )
-
-
 def _build_backend(settings: Settings, keys: KeySpace, redis_client: Any) -> Any:
+    if settings.redis_url:
+        logger.info(
+            "cache: Redis %s", parse_redis_url(settings.redis_url, settings.redis_mode).describe()
+        )
     if redis_client is None and not settings.redis_url:
         logger.info("caching is off (REDIS_URL is empty): every read goes to the database")
         return None
@@ -197,7 +191,11 @@ def _build_backend(settings: Settings, keys: KeySpace, redis_client: Any) -> Any
         logger.warning("caching is off: the redis package is not importable")
         return None
     if redis_client is None:
-        redis_client = connect(settings.redis_url, socket_timeout=settings.redis_socket_timeout)
+        redis_client = connect(
+            settings.redis_url,
+            socket_timeout=settings.redis_socket_timeout,
+            mode=settings.redis_mode,
+        )
     return RedisBackend(redis_client, keys, build_sealer(settings))
 
 

@@ -6,6 +6,7 @@ URLs may carry passwords: log them only through `redact_url`.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,9 @@ def redact_url(url: str) -> str:
     """Return `url` with any password replaced by `***` (safe for logs and errors)."""
     if not url:
         return url
+    # Query options may carry passwords too (`?sentinel_password=`, README "Running in
+    # production").
+    url = re.sub(r"((?:^|[?&;])[^=&;#]*password=)([^&;#]*)", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urlsplit(url)
     except ValueError:

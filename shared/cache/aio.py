@@ -24,13 +24,12 @@ from typing import Any
 
 from anyio import to_thread
 from redis.asyncio import Redis as AsyncRedis
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.retry import Retry
 
 from shared.cache import scripts
 from shared.cache.backend import _SHAS as SCRIPT_SHAS
 from shared.cache.backend import failure_of
+from shared.cache.connection import async_client, renew_async
 from shared.cache.core import CachedJob, JobCache
 from shared.cache.errors import ErrorClass
 from shared.cache.machine import (
@@ -47,6 +46,7 @@ from shared.cache.machine import (
     ReadResult,
     Sleep,
 )
+from shared.cache.redis_url import Mode, parse_redis_url
 from shared.cache.seal import Sealer
 from shared.schemas import JobView
 
@@ -55,16 +55,10 @@ logger = logging.getLogger("shared.cache.redis_cache")
 READ_JOB_KEYS = 4  # entry, lease, seal, floor
 
 
-def connect_async(url: str, *, socket_timeout: float) -> AsyncRedis:
-    """An asyncio client with the same short timeouts and no hidden retries."""
-    return AsyncRedis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        max_connections=256,
-    )
+def connect_async(url: str, *, socket_timeout: float, mode: Mode = "standalone") -> Any:
+    """An asyncio client with the same short timeouts and no hidden retries, for any
+    REDIS_URL form (shared.cache.connection); `mode` is REDIS_MODE."""
+    return async_client(parse_redis_url(url, mode), socket_timeout=socket_timeout)
 
 
 class AsyncJobReader:
@@ -210,13 +204,7 @@ class AsyncJobReader:
         assert self.client is not None
         self._outages_seen = self.cache.breaker.outages
         old = self.client
-        pool = old.connection_pool
-        fresh = pool.__class__(
-            connection_class=pool.connection_class,
-            max_connections=pool.max_connections,
-            **pool.connection_kwargs,
-        )
-        self.client = AsyncRedis(connection_pool=fresh)
+        self.client = renew_async(old)  # type: ignore[assignment]
         self._retired.append(old)
         self._spawn(self._retire(old))
 

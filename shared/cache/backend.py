@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import (
     MaxConnectionsError,
     NoScriptError,
@@ -21,9 +20,9 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
-from redis.retry import Retry
 
 from shared.cache import scripts
+from shared.cache.connection import sync_client
 from shared.cache.errors import CacheError, ErrorClass, classify_response
 from shared.cache.keys import KeySpace
 from shared.cache.machine import (
@@ -38,6 +37,7 @@ from shared.cache.machine import (
     Stored,
     WriteReply,
 )
+from shared.cache.redis_url import Mode, parse_redis_url
 from shared.cache.seal import Sealer, page_key
 from shared.cache.stats import FIELDS, Batch, since_text
 
@@ -48,16 +48,10 @@ BATCH_MARKER_SECONDS = 86_400
 Call = tuple[str, tuple[Any, ...]]
 
 
-def connect(url: str, *, socket_timeout: float) -> redis.Redis:
-    """A client with short timeouts and no hidden retries (the breaker decides)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        max_connections=64,
-    )
+def connect(url: str, *, socket_timeout: float, mode: Mode = "standalone") -> Any:
+    """A client with short timeouts and no hidden retries (the breaker decides), for any
+    REDIS_URL form (shared.cache.connection); `mode` is REDIS_MODE."""
+    return sync_client(parse_redis_url(url, mode), socket_timeout=socket_timeout)
 
 
 class CallFailed(CacheError):
@@ -133,7 +127,8 @@ class RedisBackend:
         for command, args in calls:
             if command == "script":
                 name, keys, argv = args
-                pipe.evalsha(_SHAS[name], len(keys), *keys, *argv)
+                # Not `pipe.evalsha`: redis-py's cluster pipeline blocks that method.
+                pipe.execute_command("EVALSHA", _SHAS[name], len(keys), *keys, *argv)  # type: ignore[no-untyped-call]
             else:
                 pipe.execute_command(command, *args)  # type: ignore[no-untyped-call]
         return list(pipe.execute(raise_on_error=False))

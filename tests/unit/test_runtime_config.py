@@ -1,4 +1,4 @@
-"""Start-up configuration of the cache: CACHE_SEAL_KEY(S) key the seal and rotate; REDIS_MODE
+"""Start-up configuration of the cache: CACHE_SEAL_KEY(S) key the seal and rotate; REDIS_URL
 is checked."""
 
 from __future__ import annotations
@@ -69,15 +69,41 @@ def test_a_missing_key_is_warned_about_once_at_start(
     assert "CACHE_SEAL_KEY is not set" in caplog.text
 
 
-@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
-def test_an_unsupported_redis_mode_is_refused_at_start_with_a_clear_error(
-    make_settings, sqlite_url, sessions, mode
+@pytest.mark.parametrize(
+    ("url", "mode", "part"),
+    [
+        ("redis://:s3cret-pw@127.0.0.1:6379/0", "sentinel", "REDIS_MODE=sentinel"),
+        ("redis+sentinel://:s3cret-pw@127.0.0.1:26379", "standalone", "service name"),
+        ("redis+cluster://:s3cret-pw@127.0.0.1:7000/3", "standalone", "database 0"),
+        ("redis://:s3cret-pw@127.0.0.1:port/0", "standalone", "port of host 1"),
+    ],
+)
+def test_a_bad_redis_url_stops_the_start_naming_the_part_without_the_password(
+    make_settings, sqlite_url, sessions, url, mode, part
 ):
-    from shared.runtime import UnsupportedRedisMode
+    from shared.cache.redis_url import RedisUrlError
 
-    settings = make_settings(database_url=sqlite_url, redis_mode=mode)
-    with pytest.raises(UnsupportedRedisMode, match=f"REDIS_MODE={mode} is not supported yet"):
+    settings = make_settings(database_url=sqlite_url, redis_url=url, redis_mode=mode)
+    with pytest.raises(RedisUrlError) as caught:
         build_cache(settings, sessions)
+    assert part in str(caught.value)
+    assert "s3cret-pw" not in str(caught.value)
+
+
+def test_every_topology_is_accepted_at_start_without_connecting(
+    make_settings, sqlite_url, sessions
+):
+    """Building the cache sends nothing: a Sentinel or Cluster address that is not up
+    yet does not stop the process (the breaker handles it like any outage)."""
+    for url, mode in [
+        ("redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster/0", "standalone"),
+        ("redis+cluster://127.0.0.1:1,127.0.0.1:2", "standalone"),
+        ("redis://127.0.0.1:1", "cluster"),
+    ]:
+        settings = make_settings(database_url=sqlite_url, redis_url=url, redis_mode=mode)
+        cache = build_cache(settings, sessions)
+        assert cache.backend is not None
+        cache.close()
 
 
 # -- seal key rotation (CACHE_SEAL_KEYS) ----------------------------------------------------
