@@ -181,6 +181,12 @@ def create_celery(settings: Settings) -> Celery:
     app = Celery("renderwatch", set_as_current=False)
     app.conf.update(
         broker_url=broker.url,
+        # Celery prefers the environment's CELERY_BROKER_URL to `broker_url`, raw: our
+        # processes have that variable (it is our setting), and the raw value may be a form
+        # only we understand (redis+sentinel://, ?master_name=). Connections are made from
+        # the read and write URLs, which Celery takes from here first.
+        broker_read_url=broker.url,
+        broker_write_url=broker.url,
         broker_connection_retry_on_startup=True,
         broker_transport_options=broker.transport_options,
         result_backend=None,

@@ -15,7 +15,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from tests.conftest import require
 
@@ -52,3 +52,33 @@ def private_vhost(amqp_url: str) -> Iterator[str]:
         yield vhost_url(amqp_url, vhost)
     finally:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+def queues(vhost_amqp_url: str) -> dict[str, tuple[str, int]]:
+    """The vhost's queues as {name: (type, consumers)}, from `rabbitmqctl list_queues`."""
+    binary = rabbitmqctl_binary()
+    assert binary is not None
+    vhost = unquote(urlsplit(vhost_amqp_url).path[1:]) or "/"
+    done = subprocess.run(
+        [
+            binary,
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "type",
+            "consumers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RABBITMQCTL_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, f"rabbitmqctl list_queues failed: {done.stderr.strip()}"
+    found: dict[str, tuple[str, int]] = {}
+    for line in done.stdout.splitlines():
+        name, kind, consumers = line.split("\t")
+        found[name] = (kind, int(consumers))
+    return found

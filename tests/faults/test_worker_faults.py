@@ -540,6 +540,54 @@ def test_a_whole_worker_killed_is_redelivered_to_a_new_worker_that_resumes(
     assert_finished_consistently(final, scenes)
 
 
+@pytest.mark.celery
+@pytest.mark.timeout(150)
+@on_each_broker
+def test_a_standby_worker_takes_over_the_render_of_a_killed_worker(
+    stack, broker_url, record_figures
+):
+    """Two idle workers on the queue; the one that took the task is SIGKILLed whole. The
+    other gets it: on RabbitMQ once the dead connection is closed, on Redis once the
+    visibility timeout (counted from the delivery) has lapsed. Measures kill -> redelivery
+    with no worker start-up in between (the README's broker figures)."""
+    scenes = 12
+    job_id = stack.create_job(scenes)
+    with (
+        stack.worker(renderer=RECORDING, scene_seconds=0.3) as a,
+        stack.worker(renderer=RECORDING, scene_seconds=0.3) as b,
+    ):
+        task_id = enqueue_render(stack.celery, job_id)
+        stack.wait_scenes(job_id, 2)
+        received = rf"\[{task_id}\] received"
+        taker, standby = (a, b) if re.search(received, a.log()) else (b, a)
+        assert re.search(received, taker.log()), "neither worker logged the task"
+        os.killpg(taker.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        procs.wait_until(lambda: not taker.alive(), timeout=10, what="the worker to die")
+        at_kill = stack.db_job(job_id)
+        standby.wait_for_log(received, timeout=FINISH_TIMEOUT)
+        redelivered_after = time.monotonic() - killed_at
+        final = stack.wait_finished(job_id, standby)
+        log = standby.log()
+
+    rendered = [int(what) for _, _, kind, what in renderer_log(stack.render_log) if kind == "scene"]
+    done_at_kill = at_kill.progress.scenes_completed
+    record_figures(
+        scenario=8,
+        fault="whole worker SIGKILLed, a standby worker idle on the queue",
+        broker=broker_url.split(":", 1)[0],
+        visibility_timeout_s=VISIBILITY_TIMEOUT,
+        scenes_done_at_kill=done_at_kill,
+        redelivered_after_kill_s=redelivered_after,
+        finished_after_kill_s=time.monotonic() - killed_at,
+        scene_renders=len(rendered),
+    )
+    assert re.search(rf"job {job_id}: resuming at scene {done_at_kill + 1}\b", log), log[-3000:]
+    assert set(rendered) == set(range(1, scenes + 1))
+    assert len(rendered) - scenes <= 1, "only the scene in progress may be rendered twice"
+    assert_finished_consistently(final, scenes)
+
+
 # -- 9. beat restarted ----------------------------------------------------------------------
 
 

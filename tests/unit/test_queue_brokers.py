@@ -176,3 +176,21 @@ def test_a_broker_url_without_a_scheme_is_refused_without_its_password(make_sett
     with pytest.raises(BrokerConfigError, match="no scheme") as caught:
         broker_config(make_settings(celery_broker_url="app:s3cret@mq.example:5672"))
     assert "s3cret" not in str(caught.value)
+
+
+def test_the_translated_url_wins_over_celerys_own_reading_of_the_environment(
+    make_settings: Make, monkeypatch: pytest.MonkeyPatch
+):
+    """Celery reads CELERY_BROKER_URL from the environment itself, raw; our processes have
+    it set (it is our setting). Connections must use the translated URL."""
+    raw = "sentinel://:pw@127.0.0.1:26379/0?master_name=renders"
+    monkeypatch.setenv("CELERY_BROKER_URL", raw)
+    app = create_celery(make_settings(celery_broker_url=raw))
+    try:
+        for connection in (app.connection_for_read(), app.connection_for_write()):
+            with connection:
+                assert connection.transport_cls == "sentinel"
+                assert "master_name" not in connection.as_uri()
+                assert connection.transport_options["master_name"] == "renders"
+    finally:
+        app.close()
