@@ -191,6 +191,7 @@ def test_the_translated_url_wins_over_celerys_own_reading_of_the_environment(
             with connection:
                 assert connection.transport_cls == "sentinel"
                 assert "master_name" not in connection.as_uri()
-                assert connection.transport_options["master_name"] == "renders"
+                options = connection.transport_options
+                assert options is not None and options["master_name"] == "renders"
     finally:
         app.close()
