@@ -41,44 +41,51 @@ def vhost_url(amqp_url: str, vhost: str) -> str:
 
 
 @contextmanager
-def private_vhost(amqp_url: str) -> Iterator[str]:
-    """A new virtual host for the URL's user, deleted (with its queues) on exit."""
+def private_vhost(amqp_url: str, *, private_user: bool = False) -> Iterator[str]:
+    """A new virtual host for the URL's user, deleted (with its queues) on exit.
+
+    `private_user`: a new user with a random password instead (deleted too): a test can
+    then look for that password in logs, which it cannot do for "guest"."""
     require("rabbitmqctl (to create a private vhost)", rabbitmqctl_binary() is not None)
-    user = urlsplit(amqp_url).username or "guest"
-    vhost = f"rw-test-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", vhost)
+    parts = urlsplit(amqp_url)
+    user = parts.username or "guest"
+    tag = uuid.uuid4().hex[:10]
+    vhost = f"rw-test-{tag}"
+    url = vhost_url(amqp_url, vhost)
+    if private_user:
+        user, password = f"rw-test-{tag}", f"pw-{uuid.uuid4().hex}"
+        netloc = f"{user}:{password}@{parts.hostname}:{parts.port or 5672}"
+        url = urlunsplit(urlsplit(url)._replace(netloc=netloc))
+        _rabbitmqctl("add_user", user, password)
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-        yield vhost_url(amqp_url, vhost)
+        _rabbitmqctl("add_vhost", vhost)
+        try:
+            _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            yield url
+        finally:
+            _rabbitmqctl("delete_vhost", vhost)
     finally:
-        _rabbitmqctl("delete_vhost", vhost)
+        if private_user:
+            _rabbitmqctl("delete_user", user)
 
 
-def queues(vhost_amqp_url: str) -> dict[str, tuple[str, int]]:
-    """The vhost's queues as {name: (type, consumers)}, from `rabbitmqctl list_queues`."""
+def list_queues(vhost_amqp_url: str, *columns: str) -> dict[str, list[str]]:
+    """`rabbitmqctl list_queues name COLUMNS...` in the URL's vhost: {name: [values]}."""
     binary = rabbitmqctl_binary()
     assert binary is not None
     vhost = unquote(urlsplit(vhost_amqp_url).path[1:]) or "/"
+    args = [binary, "-q", "list_queues", "-p", vhost, "--no-table-headers", "name", *columns]
     done = subprocess.run(
-        [
-            binary,
-            "-q",
-            "list_queues",
-            "-p",
-            vhost,
-            "--no-table-headers",
-            "name",
-            "type",
-            "consumers",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=RABBITMQCTL_TIMEOUT,
-        check=False,
+        args, capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT, check=False
     )
     assert done.returncode == 0, f"rabbitmqctl list_queues failed: {done.stderr.strip()}"
-    found: dict[str, tuple[str, int]] = {}
-    for line in done.stdout.splitlines():
-        name, kind, consumers = line.split("\t")
-        found[name] = (kind, int(consumers))
-    return found
+    rows = (line.split("\t") for line in done.stdout.splitlines() if line)
+    return {row[0]: row[1:] for row in rows}
+
+
+def queues(vhost_amqp_url: str) -> dict[str, tuple[str, int]]:
+    """The vhost's queues as {name: (type, consumers)}."""
+    return {
+        name: (kind, int(consumers))
+        for name, (kind, consumers) in list_queues(vhost_amqp_url, "type", "consumers").items()
+    }
