@@ -63,7 +63,7 @@ def broker_config(settings: Settings) -> BrokerConfig:
     if scheme == "sentinel":
         return _sentinel(settings, *_split_master_name(url))
     if scheme in _REDIS_SCHEMES:
-        return BrokerConfig("redis", url, _redis_options(settings))
+        return BrokerConfig("redis", url, _redis_options(settings), _REDIS_CONF)
     if scheme in _AMQP_SCHEMES:
         return _amqp(settings, url)
     if scheme.startswith("sqla+"):
@@ -77,6 +77,14 @@ def broker_config(settings: Settings) -> BrokerConfig:
             "amqp:// or amqps://"
         )
     return BrokerConfig("other", url)  # memory:// in tests, or a transport we do not tune
+
+
+# When the worker loses the broker connection mid-render, its late ack can no longer
+# land. Redis gives the task back only when the visibility timeout lapses: let the render
+# finish (it is saved in the database; the later copy finds it done). RabbitMQ gives it
+# back at once: stop the render, so that the copy resumes it instead of doing it twice.
+_REDIS_CONF: dict[str, Any] = {"worker_cancel_long_running_tasks_on_connection_loss": False}
+_AMQP_CONF: dict[str, Any] = {"worker_cancel_long_running_tasks_on_connection_loss": True}
 
 
 def _redis_options(settings: Settings) -> dict[str, Any]:
@@ -104,7 +112,7 @@ def _sentinel(settings: Settings, url: str, url_master_name: str) -> BrokerConfi
     password = settings.celery_broker_sentinel_password.get_secret_value()
     if password:
         options["sentinel_kwargs"] = {"password": password}
-    return BrokerConfig("sentinel", url, options)
+    return BrokerConfig("sentinel", url, options, _REDIS_CONF)
 
 
 def _split_master_name(url: str) -> tuple[str, str]:
@@ -147,14 +155,14 @@ def _amqp(settings: Settings, url: str) -> BrokerConfig:
     # Publisher confirms: send_task returns only once RabbitMQ has taken the message, so
     # a job's task is never lost between the API and the broker.
     options: dict[str, Any] = {"confirm_publish": True}
-    conf: dict[str, Any] = {}
+    conf: dict[str, Any] = dict(_AMQP_CONF)
     if settings.celery_quorum_queues:
         name = settings.celery_queue
         # A topic exchange, not Celery's default direct one: retries with a countdown then
         # wait in RabbitMQ (Celery's native delayed delivery for quorum queues) instead of
         # in a worker that, without global QoS, could not take other tasks meanwhile.
         exchange = Exchange(name, type="topic")
-        conf = {
+        conf |= {
             "task_queues": [
                 Queue(
                     name,

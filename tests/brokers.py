@@ -26,7 +26,7 @@ def rabbitmqctl_binary() -> str | None:
     return shutil.which("rabbitmqctl")
 
 
-def _rabbitmqctl(*args: str) -> None:
+def rabbitmqctl(*args: str) -> None:
     binary = rabbitmqctl_binary()
     assert binary is not None
     done = subprocess.run(
@@ -56,17 +56,17 @@ def private_vhost(amqp_url: str, *, private_user: bool = False) -> Iterator[str]
         user, password = f"rw-test-{tag}", f"pw-{uuid.uuid4().hex}"
         netloc = f"{user}:{password}@{parts.hostname}:{parts.port or 5672}"
         url = urlunsplit(urlsplit(url)._replace(netloc=netloc))
-        _rabbitmqctl("add_user", user, password)
+        rabbitmqctl("add_user", user, password)
     try:
-        _rabbitmqctl("add_vhost", vhost)
+        rabbitmqctl("add_vhost", vhost)
         try:
-            _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
             yield url
         finally:
-            _rabbitmqctl("delete_vhost", vhost)
+            rabbitmqctl("delete_vhost", vhost)
     finally:
         if private_user:
-            _rabbitmqctl("delete_user", user)
+            rabbitmqctl("delete_user", user)
 
 
 def list_queues(vhost_amqp_url: str, *columns: str) -> dict[str, list[str]]:

@@ -10,6 +10,8 @@ what is under test). Checked on the server itself (`rabbitmqctl list_queues`):
   and a retry's countdown comes back that way too;
 - a render that kills its worker process every time is dropped after the delivery
   limit instead of killing workers forever (a poison message);
+- a render cut off from RabbitMQ is stopped and resumed by its redelivered copy, not
+  rendered twice;
 - the broker password never shows in a worker's log.
 """
 
@@ -33,13 +35,14 @@ from shared.runtime import Runtime
 from shared.schemas import JobView, Stage
 from shared.settings import Settings
 from tests import procs
-from tests.brokers import list_queues, private_vhost
-from tests.renderers import RecordingRenderer
+from tests.brokers import list_queues, private_vhost, rabbitmqctl
+from tests.renderers import RENDER_LOG_ENV, RecordingRenderer, renderer_log
 
 pytestmark = [pytest.mark.postgres, pytest.mark.celery, pytest.mark.rabbitmq]
 
 FINISH_TIMEOUT = 60.0
 KILLER = "tests.integration.test_rabbitmq_broker:KillerRenderer"
+RECORDING = "tests.renderers:RecordingRenderer"
 
 
 class KillerRenderer(RecordingRenderer):
@@ -63,9 +66,16 @@ class Rabbit:
     def password(self) -> str:
         return self.url.split("@", 1)[0].rsplit(":", 1)[1]
 
-    def worker(self, **overrides: object) -> Any:
+    @property
+    def render_log(self) -> Path:
+        return self.tmp_path / "renders.log"
+
+    def worker(self, *, concurrency: int = 1, **overrides: object) -> Any:
         env = procs.settings_env(self.settings, **overrides)
-        return procs.celery_worker(env, self.tmp_path, queue=self.settings.celery_queue)
+        env[RENDER_LOG_ENV] = str(self.render_log)
+        return procs.celery_worker(
+            env, self.tmp_path, queue=self.settings.celery_queue, concurrency=concurrency
+        )
 
     def create_job(self, scenes: int = 3) -> int:
         with self.runtime.sessions() as session:
@@ -218,3 +228,33 @@ def test_a_render_that_kills_its_worker_every_time_is_dropped_at_the_delivery_li
     assert deliveries == limit + 1, "RabbitMQ should drop the message after the limit"
     assert lost >= limit + 1 and alive, "the main process survives and rejects each loss"
     assert not rabbit.job(job_id).finished, "no render ever got past its first stage"
+
+
+@pytest.mark.timeout(150)
+def test_a_render_cut_off_from_rabbitmq_is_resumed_once_not_run_twice(rabbit: Rabbit) -> None:
+    """RabbitMQ closes the worker's connections mid-render (as on a network blip or a
+    broker restart): the task goes back to the queue at once. The worker stops its
+    running copy (it could not ack it anyway) and the redelivered one resumes the job,
+    with a second process free to take it: no scene is rendered twice but the one in
+    progress."""
+    scenes = 10
+    job_id = rabbit.create_job(scenes)
+    with rabbit.worker(concurrency=2, renderer=RECORDING, scene_seconds=0.4) as worker:
+        rabbit.celery.send_task(RENDER_VIDEO, args=[job_id])
+        procs.wait_until(
+            lambda: rabbit.job(job_id).progress.scenes_completed >= 3,
+            timeout=FINISH_TIMEOUT,
+            what="3 rendered scenes",
+        )
+        vhost = rabbit.url.rsplit("/", 1)[1]
+        rabbitmqctl("close_all_connections", "-p", vhost, "test: connection cut")
+        final = rabbit.wait_finished(job_id)
+        time.sleep(2)  # a copy still running would render more scenes by now
+        log = worker.log()
+    rendered = [int(w) for _, j, kind, w in renderer_log(rabbit.render_log) if kind == "scene"]
+    print(f"\nRABBITMQ connection cut: {len(rendered)} scene renders for {scenes} scenes")
+    assert "Connection to broker lost" in log
+    assert len(re.findall(r"\] received", log)) == 2, "the task should come back once"
+    assert final.status == "succeeded"
+    assert set(rendered) == set(range(1, scenes + 1))
+    assert len(rendered) - scenes <= 1, f"scenes rendered twice: {sorted(rendered)}"

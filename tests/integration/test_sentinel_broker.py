@@ -10,12 +10,15 @@ worker's log.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -23,6 +26,7 @@ import redis
 from shared import jobs
 from shared.queue import create_celery, enqueue_render
 from shared.runtime import Runtime
+from shared.settings import Settings
 from tests import procs
 from tests.conftest import require
 
@@ -41,6 +45,7 @@ class SentinelBrokerTopology:
     sentinel_port: int
     password: str
     sentinel_password: str
+    servers: dict[str, procs.ServiceProcess] = field(default_factory=dict)
 
     @classmethod
     def start(cls, workdir: Path, resources: ExitStack) -> SentinelBrokerTopology:
@@ -64,7 +69,7 @@ class SentinelBrokerTopology:
             data.mkdir(parents=True)
             args = [binary, "--port", str(port), "--dir", str(data), *common, *auth, *extra]
             proc = procs.ServiceProcess(f"redis {name}", args, {}, data / "redis.log")
-            resources.enter_context(
+            top.servers[name] = resources.enter_context(
                 procs.running(proc, lambda p: p.wait_for_log("Ready to accept", timeout=10))
             )
         top.wait_replicated()
@@ -79,10 +84,18 @@ class SentinelBrokerTopology:
         )
         args = [binary, str(conf), "--sentinel"]
         sentinel = procs.ServiceProcess("sentinel", args, {}, workdir / "sentinel.log")
-        resources.enter_context(
+        top.servers["sentinel"] = resources.enter_context(
             procs.running(sentinel, lambda p: p.wait_for_log(r"\+monitor master", timeout=10))
         )
+        # Wait until the sentinel knows the replica: only then can it promote it.
+        sentinel.wait_for_log(r"\+slave slave", timeout=20)
         return top
+
+    def kill_master(self) -> None:
+        """SIGKILL the master, then wait for the sentinel to promote the replica."""
+        master = self.servers["master"]
+        os.kill(master.pid, signal.SIGKILL)
+        self.servers["sentinel"].wait_for_log(r"\+switch-master", timeout=30)
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, password=self.password, socket_timeout=2)
@@ -106,49 +119,66 @@ def sentinel_broker(tmp_path: Path) -> Iterator[SentinelBrokerTopology]:
         yield SentinelBrokerTopology.start(tmp_path / "sentinel", resources)
 
 
+def broker_settings(top: SentinelBrokerTopology, make_settings: Any, **values: Any) -> Settings:
+    return cast(
+        Settings,
+        make_settings(
+            celery_broker_url=(
+                f"sentinel://:{top.password}@127.0.0.1:{top.sentinel_port}/0"
+                f"?master_name={MASTER_NAME}"
+            ),
+            celery_broker_sentinel_password=top.sentinel_password,
+            scene_seconds=0.05,
+            log_level="INFO",
+            **values,
+        ),
+    )
+
+
+def finished(runtime: Runtime, job_id: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with runtime.sessions() as session:
+            view = jobs.get_job(job_id, session=session)
+        assert view is not None
+        return view.status == "succeeded"
+
+    return check
+
+
+def create_job(runtime: Runtime) -> int:
+    with runtime.sessions() as session:
+        return jobs.create_job(
+            session=session, client_id="sentinel@test", prompt="a fox", scenes_total=3
+        ).job_id
+
+
 @pytest.mark.timeout(180)
 def test_a_render_completes_through_a_sentinel_broker_url(
     sentinel_broker, pg_url, redis_url, namespace, make_settings, tmp_path
 ):
     top = sentinel_broker
     queue = f"test-{namespace}"
-    settings = make_settings(
+    settings = broker_settings(
+        top,
+        make_settings,
         database_url=pg_url,
         redis_url=redis_url,
         cache_namespace=namespace,
-        celery_broker_url=(
-            f"sentinel://:{top.password}@127.0.0.1:{top.sentinel_port}/0?master_name={MASTER_NAME}"
-        ),
-        celery_broker_sentinel_password=top.sentinel_password,
         celery_queue=queue,
-        scene_seconds=0.05,
-        log_level="INFO",
     )
     runtime = Runtime.start(settings)
     celery = create_celery(settings)
     master = top.client(top.master_port)
     replica = top.client(top.replica_port)
     try:
-        with runtime.sessions() as session:
-            job_id = jobs.create_job(
-                session=session, client_id="sentinel@test", prompt="a fox", scenes_total=3
-            ).job_id
+        job_id = create_job(runtime)
         env = procs.settings_env(settings)
         with procs.celery_worker(env, tmp_path, queue=queue) as worker:
             started = time.monotonic()
             enqueue_render(celery, job_id)
-
-            def finished() -> bool:
-                with runtime.sessions() as session:
-                    view = jobs.get_job(job_id, session=session)
-                assert view is not None
-                return view.finished
-
-            procs.wait_until(finished, timeout=60, what=f"job {job_id} to finish")
+            procs.wait_until(finished(runtime, job_id), timeout=60, what=f"job {job_id}")
             elapsed = time.monotonic() - started
             log = worker.log()
-        with runtime.sessions() as session:
-            final = jobs.get_job(job_id, session=session)
         # The broker's state is on the master the sentinel named, and replicated.
         binding = f"_kombu.binding.{queue}".encode()
         on_master = master.exists(binding)
@@ -161,7 +191,44 @@ def test_a_render_completes_through_a_sentinel_broker_url(
         runtime.close()
 
     print(f"\nSENTINEL BROKER: 3-scene render finished {elapsed:.2f}s after enqueue")
-    assert final is not None and final.status == "succeeded", final
     assert on_master and on_replica, "the queue's binding is not on the sentinel's master"
     assert "sentinel://" in log, "the worker's banner should name the sentinel transport"
+    assert top.password not in log and top.sentinel_password not in log, "a password leaked"
+
+
+@pytest.mark.timeout(240)
+def test_worker_and_sender_follow_the_broker_to_the_promoted_replica(
+    sentinel_broker, pg_url, make_settings, tmp_path
+):
+    """The master is SIGKILLed and the sentinel promotes the replica: the running worker
+    reconnects through the sentinel, and a job sent afterwards renders."""
+    top = sentinel_broker
+    settings = broker_settings(
+        top, make_settings, database_url=pg_url, redis_url="", celery_queue="renders"
+    )
+    runtime = Runtime.start(settings)
+    celery = create_celery(settings)
+    try:
+        env = procs.settings_env(settings)
+        with procs.celery_worker(env, tmp_path, queue="renders") as worker:
+            before = create_job(runtime)
+            enqueue_render(celery, before)
+            procs.wait_until(finished(runtime, before), timeout=60, what="the first job")
+            top.kill_master()
+            promoted_at = time.monotonic()
+            after = create_job(runtime)
+            enqueue_render(celery, after)
+            procs.wait_until(finished(runtime, after), timeout=90, what="the job after failover")
+            recovered = time.monotonic() - promoted_at
+            log = worker.log()
+        new_master = top.client(top.replica_port)
+        try:
+            role = new_master.info("replication")["role"]
+        finally:
+            new_master.close()
+    finally:
+        celery.close()
+        runtime.close()
+    print(f"\nSENTINEL BROKER FAILOVER: job sent after promotion rendered in {recovered:.2f}s")
+    assert role == "master", "the sentinel did not promote the replica"
     assert top.password not in log and top.sentinel_password not in log, "a password leaked"

@@ -41,6 +41,8 @@ def test_redis_gets_the_visibility_timeout_and_a_restore_scan_on_every_look(make
     conf = app_conf(settings)
     assert conf.broker_transport_options == broker.transport_options
     assert not conf.task_queues, "Redis takes Celery's default queue declaration"
+    # The task comes back only after the visibility timeout: let a running render finish.
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is False
 
 
 def test_without_a_broker_url_the_redis_url_is_the_broker(make_settings: Make):
@@ -80,6 +82,8 @@ def test_rabbitmq_confirms_publications_and_declares_a_quorum_queue(
     assert conf.task_default_exchange_type == "topic"
     assert conf.task_default_queue == "renders"
     assert conf.worker_detect_quorum_queues is True
+    # The task comes back at once: stop the running copy rather than render twice.
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
     # What Celery itself concludes from it: per-consumer QoS and delayed delivery.
     from celery.utils.quorum_queues import detect_quorum_queues
 
@@ -96,7 +100,7 @@ def test_rabbitmq_confirms_publications_and_declares_a_quorum_queue(
 def test_rabbitmq_classic_queues_when_quorum_queues_are_off(make_settings: Make):
     settings = make_settings(celery_broker_url="amqp://mq//", celery_quorum_queues=False)
     broker = broker_config(settings)
-    assert broker.conf == {}
+    assert broker.conf == {"worker_cancel_long_running_tasks_on_connection_loss": True}
     assert broker.transport_options == {"confirm_publish": True}
     assert not app_conf(settings).task_queues
 
@@ -109,6 +113,7 @@ def test_sentinel_url_takes_the_master_name_from_its_query(make_settings: Make):
     assert broker.transport_options["master_name"] == "renders"
     assert broker.transport_options["visibility_timeout"] == 30
     assert "sentinel_kwargs" not in broker.transport_options
+    assert broker.conf == {"worker_cancel_long_running_tasks_on_connection_loss": False}
 
 
 def test_sentinel_master_name_and_password_from_settings(make_settings: Make):
