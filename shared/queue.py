@@ -47,7 +47,8 @@ def broker_config(settings: Settings) -> BrokerConfig:
     """The broker's configuration from settings (CELERY_BROKER_URL, else REDIS_URL, else the
     SQL database). Raises `BrokerConfigError` for a URL that cannot be a broker."""
     url = settings.broker_url
-    if not settings.celery_broker_url and settings.redis_mode == "cluster":
+    derived = not settings.celery_broker_url
+    if derived and settings.redis_url and settings.redis_mode == "cluster":
         raise BrokerConfigError(
             "REDIS_MODE=cluster: Celery cannot use a Redis Cluster as its broker; "
             "set CELERY_BROKER_URL (amqp://, redis:// or sentinel://)"
@@ -62,8 +63,12 @@ def broker_config(settings: Settings) -> BrokerConfig:
         )
     if scheme == "sentinel":
         return _sentinel(settings, *_split_master_name(url))
+    if scheme == "unix":
+        return BrokerConfig(
+            "redis", _from_unix_url(url), _redis_options(settings), dict(_REDIS_CONF)
+        )
     if scheme in _REDIS_SCHEMES:
-        return BrokerConfig("redis", url, _redis_options(settings), _REDIS_CONF)
+        return BrokerConfig("redis", url, _redis_options(settings), dict(_REDIS_CONF))
     if scheme in _AMQP_SCHEMES:
         return _amqp(settings, url)
     if scheme.startswith("sqla+"):
@@ -112,7 +117,7 @@ def _sentinel(settings: Settings, url: str, url_master_name: str) -> BrokerConfi
     password = settings.celery_broker_sentinel_password.get_secret_value()
     if password:
         options["sentinel_kwargs"] = {"password": password}
-    return BrokerConfig("sentinel", url, options, _REDIS_CONF)
+    return BrokerConfig("sentinel", url, options, dict(_REDIS_CONF))
 
 
 def _split_master_name(url: str) -> tuple[str, str]:
@@ -127,6 +132,15 @@ def _split_master_name(url: str) -> tuple[str, str]:
         rest = urlencode([(k, v) for k, v in query if k != "master_name"])
         cleaned.append(urlunsplit(parts._replace(query=rest)))
     return ";".join(cleaned), master_name
+
+
+def _from_unix_url(url: str) -> str:
+    """`unix://[:pw@]/path/redis.sock[?db=N]` (the REDIS_URL form) as kombu's
+    `redis+socket://[:pw@]/path/redis.sock?virtual_host=N`."""
+    parts = urlsplit(url)
+    query = [("virtual_host" if k == "db" else k, v) for k, v in parse_qsl(parts.query)]
+    # Built by hand: urlunsplit drops the empty authority ("//") before the path.
+    return f"redis+socket://{parts.netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
 
 
 def _from_redis_sentinel_url(url: str) -> tuple[str, str]:

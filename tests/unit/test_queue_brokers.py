@@ -200,3 +200,19 @@ def test_the_translated_url_wins_over_celerys_own_reading_of_the_environment(
                 assert options is not None and options["master_name"] == "renders"
     finally:
         app.close()
+
+
+def test_a_unix_socket_redis_url_becomes_kombus_socket_form(make_settings: Make):
+    """REDIS_URL's `unix://` (redis-py) is `redis+socket://` to kombu, db as virtual_host
+    (checked against a real redis-server on a socket when this was written)."""
+    broker = broker_config(make_settings(redis_url="unix://:pw@/run/redis/redis.sock?db=3"))
+    assert broker.kind == "redis"
+    assert broker.url == "redis+socket://:pw@/run/redis/redis.sock?virtual_host=3"
+    assert broker.transport_options["visibility_timeout"] == 3_600
+    plain = broker_config(make_settings(redis_url="unix:///tmp/r.sock"))
+    assert plain.url == "redis+socket:///tmp/r.sock"
+
+
+def test_cluster_mode_without_any_redis_url_falls_back_to_the_database(make_settings: Make):
+    settings = make_settings(redis_url="", redis_mode="cluster", database_url="sqlite:///x.db")
+    assert broker_config(settings).kind == "sql"
