@@ -113,6 +113,7 @@ def open_rabbit(
             "celery_queue": "renders",
             "celery_delivery_limit": 2,
             "scene_seconds": 0.05,
+            "stats_snapshot_seconds": 1,
             "log_level": "INFO",
             **overrides,
         }
@@ -145,6 +146,11 @@ def test_a_render_is_published_with_confirms_into_a_quorum_queue(rabbit: Rabbit)
             # then waits for the broker's ack of each one.
             confirmed = producer.channel._confirm_selected
         final = rabbit.wait_finished(job_id)
+        env = procs.settings_env(rabbit.settings)
+        with procs.celery_beat(env, rabbit.tmp_path) as beat:
+            # Beat prints its broker at start, then sends through it.
+            beat.wait_for_log(r"Sending due task", timeout=30)
+            beat_log = beat.log()
         log = worker.log()
     assert kind == "quorum"
     assert '{"x-delivery-limit",2}' in arguments, arguments
@@ -152,6 +158,7 @@ def test_a_render_is_published_with_confirms_into_a_quorum_queue(rabbit: Rabbit)
     assert final.status == "succeeded"
     assert "Global QoS is disabled" in log, "quorum queues need per-consumer QoS"
     assert rabbit.password not in log and "amqp://" in log
+    assert rabbit.password not in beat_log and "amqp://" in beat_log
 
 
 def delayed(url: str) -> dict[str, int]:
