@@ -20,7 +20,6 @@ shown at the end of the session. An external stack runs once, on its own broker.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import socket
@@ -101,14 +100,26 @@ class RunningStack:
 
 
 @pytest.fixture(scope="module", params=BROKERS)
+def e2e_broker(request: pytest.FixtureRequest, redis_url: str) -> Iterator[tuple[str, str]]:
+    """(broker, URL) of one stack run: the machine's Redis, or a private RabbitMQ vhost."""
+    broker: str = request.param
+    if broker == "amqp" and not os.environ.get("E2E_API_URL"):
+        with private_vhost(request.getfixturevalue("amqp_url")) as url:
+            yield broker, url  # the vhost is deleted afterwards, with every queue in it
+    else:
+        yield broker, redis_url
+
+
+@pytest.fixture(scope="module")
 def stack(
     request: pytest.FixtureRequest,
+    e2e_broker: tuple[str, str],
     redis_url: str,
     pg_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningStack]:
     """api, worker, beat and flower from docker-compose.yml, healthy, on one broker."""
-    broker: str = request.param
+    broker, broker_url = e2e_broker
     external = os.environ.get("E2E_API_URL")
     if external:
         if broker != BROKERS[0]:
@@ -125,11 +136,6 @@ def stack(
             ),
         )
         return
-    resources = contextlib.ExitStack()
-    if broker == "amqp":
-        broker_url = resources.enter_context(private_vhost(request.getfixturevalue("amqp_url")))
-    else:
-        broker_url = redis_url
     run_id = uuid.uuid4().hex[:10]
     work = tmp_path_factory.mktemp(f"stack-{broker}")
     api_port, flower_port = free_port(), free_port()
@@ -180,11 +186,8 @@ def stack(
             f"{healthy - started:.1f}s, tests took {time.monotonic() - healthy:.1f}s"
         )
     finally:
-        try:
-            stack.stop()
-            _drop_namespace(redis_url, env["CACHE_NAMESPACE"], env["CELERY_QUEUE"])
-        finally:
-            resources.close()  # the private vhost, with every queue in it
+        stack.stop()
+        _drop_namespace(redis_url, env["CACHE_NAMESPACE"], env["CELERY_QUEUE"])
 
 
 def _wait_quorum_queue_consumed(broker_url: str, queue: str) -> None:
