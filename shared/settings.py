@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     # "No such job" is cached this long (a tombstone that a create or write overrides).
     cache_missing_ttl_seconds: int = Field(default=5, ge=1, le=3_600)
 
+    # The Celery broker (README "Choosing a broker"). Redis Sentinel (`sentinel://`): the
+    # master's name (else `?master_name=` on the URL, or the service of a
+    # `redis+sentinel://` REDIS_URL) and the sentinels' own password, if they have one.
+    celery_broker_master_name: str = Field(default="", max_length=128)
+    celery_broker_sentinel_password: SecretStr = SecretStr("")
+    # RabbitMQ (`amqp://`): the task queue is a quorum queue (replicated, delivery
+    # counted); a message delivered more often than the limit is dropped by RabbitMQ.
+    celery_quorum_queues: bool = True
+    celery_delivery_limit: int = Field(default=20, ge=1, le=10_000)
+
     @field_validator("redis_url", "celery_broker_url", "database_url")
     @classmethod
     def _strip(cls, value: str) -> str:

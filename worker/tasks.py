@@ -18,6 +18,7 @@ Step order and what a reported state means (the resume rule follows from it):
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import traceback
@@ -284,7 +285,10 @@ def render_video(self: Task[Any, Any], job_id: int) -> str:
     except (DBAPIError, DisconnectionError, ConcurrentUpdateError) as exc:
         if not is_transient(exc):
             raise
-        countdown = retry_countdown(self.request.retries)
+        # Whole seconds: RabbitMQ's delayed delivery for quorum queues (README "Choosing a
+        # broker") truncates a countdown to seconds and rejects the task, for good, when
+        # that leaves 0 -- which every first retry (0.5-1 s) would.
+        countdown = math.ceil(retry_countdown(self.request.retries))
         logger.warning(
             "job %s: transient database error (%s); retry %d/%d in %.1fs",
             job_id,

@@ -12,6 +12,10 @@ External mode (a stack you already run, e.g. `docker compose up`): set E2E_API_U
 (default `docker compose exec -T api renderwatch`); E2E_WORKER_NODE names the Celery
 worker node if you want Flower's answers filtered by it. Tests that need this
 machine's processes (the API's process layout, healthchecks run from here) skip.
+
+Brokers: the local stack runs once per Celery broker in `BROKERS` (the module's tests
+run on Redis, then again on RabbitMQ in a private vhost); the time each run took is
+shown at the end of the session. An external stack runs once, on its own broker.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,10 +36,15 @@ import pytest
 
 from renderwatch.compose import Stack, venv_bin
 from shared.settings import REPO_ROOT
+from tests.brokers import private_vhost, queues
 
 SERVICES = ["api", "worker", "beat", "flower"]
 HEALTHY_TIMEOUT = 120.0
 LOG_TAIL_LINES = 60
+# Celery brokers the local stack runs on: Redis (the machine's, private queue names) and
+# RabbitMQ (the machine's, private vhost).
+BROKERS = ["redis", "amqp"]
+_RUNS: list[str] = []  # one line per stack run, for the terminal summary
 
 
 def free_port() -> int:
@@ -54,6 +64,7 @@ class RunningStack:
     worker_node: str | None
     beat_node: str | None
     cli_prefix: tuple[str, ...] = ("renderwatch",)
+    broker: str = "external"
 
     def local(self) -> Stack:
         """The local process stack; skips the test against an external stack."""
@@ -88,13 +99,31 @@ class RunningStack:
         return key
 
 
+@pytest.fixture(scope="module", params=BROKERS)
+def e2e_broker(request: pytest.FixtureRequest, redis_url: str) -> Iterator[tuple[str, str]]:
+    """(broker, URL) of one stack run: the machine's Redis, or a private RabbitMQ vhost."""
+    broker: str = request.param
+    if broker == "amqp" and not os.environ.get("E2E_API_URL"):
+        with private_vhost(request.getfixturevalue("amqp_url")) as url:
+            yield broker, url  # the vhost is deleted afterwards, with every queue in it
+    else:
+        yield broker, redis_url
+
+
 @pytest.fixture(scope="module")
 def stack(
-    redis_url: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    e2e_broker: tuple[str, str],
+    redis_url: str,
+    pg_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningStack]:
-    """api, worker, beat and flower from docker-compose.yml, healthy."""
+    """api, worker, beat and flower from docker-compose.yml, healthy, on one broker."""
+    broker, broker_url = e2e_broker
     external = os.environ.get("E2E_API_URL")
     if external:
+        if broker != BROKERS[0]:
+            pytest.skip("external stack (E2E_API_URL): tested once, on the broker it runs")
         yield RunningStack(
             stack=None,
             env={},
@@ -108,12 +137,12 @@ def stack(
         )
         return
     run_id = uuid.uuid4().hex[:10]
-    work = tmp_path_factory.mktemp("stack")
+    work = tmp_path_factory.mktemp(f"stack-{broker}")
     api_port, flower_port = free_port(), free_port()
     env = {
         "DATABASE_URL": pg_url,
         "REDIS_URL": redis_url,
-        "CELERY_BROKER_URL": redis_url,
+        "CELERY_BROKER_URL": broker_url,
         "CACHE_NAMESPACE": f"e2e-{run_id}",
         "CELERY_QUEUE": f"e2e-{run_id}",
         "WORKER_NAME": f"e2e-worker-{run_id}",
@@ -131,13 +160,18 @@ def stack(
         "LOG_LEVEL": "INFO",
     }
     stack = Stack(SERVICES, env, log_dir=work / "logs", grace_seconds=15.0)
+    started = time.monotonic()
+    healthy = started
     try:
         try:
             stack.start()
             stack.wait_healthy(timeout=HEALTHY_TIMEOUT)
+            healthy = time.monotonic()
         except RuntimeError:
             _dump_logs(stack)
             raise
+        if broker == "amqp":
+            _wait_quorum_queue_consumed(broker_url, env["CELERY_QUEUE"])
         yield RunningStack(
             stack=stack,
             env=env,
@@ -145,10 +179,26 @@ def stack(
             flower_url=f"http://127.0.0.1:{flower_port}",
             worker_node=f"{env['WORKER_NAME']}@{socket.gethostname()}",
             beat_node=f"{env['BEAT_NAME']}@{socket.gethostname()}",
+            broker=broker,
+        )
+        _RUNS.append(
+            f"{request.node.nodeid.split('::')[0]} on {broker}: healthy after "
+            f"{healthy - started:.1f}s, tests took {time.monotonic() - healthy:.1f}s"
         )
     finally:
         stack.stop()
         _drop_namespace(redis_url, env["CACHE_NAMESPACE"], env["CELERY_QUEUE"])
+
+
+def _wait_quorum_queue_consumed(broker_url: str, queue: str) -> None:
+    """The stack really runs on RabbitMQ: its task queue is a quorum queue with a consumer."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = queues(broker_url).get(queue)
+        if found is not None and found[0] == "quorum" and found[1] >= 1:
+            return
+        assert time.monotonic() < deadline, f"queue {queue} in the vhost (type, consumers): {found}"
+        time.sleep(1)
 
 
 def _dump_logs(stack: Stack) -> None:
@@ -181,3 +231,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 lines = running.stack.logs(name).splitlines()[-LOG_TAIL_LINES:]
                 report.sections.append((f"stack log: {name} (last lines)", "\n".join(lines)))
     return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long each stack run took, per broker (the README's broker figures)."""
+    if _RUNS:
+        terminalreporter.section("e2e stack runs per broker")
+        for line in _RUNS:
+            terminalreporter.write_line(line)

@@ -2,9 +2,10 @@
 
 Real processes only: prefork Celery workers and beat (`celery -A worker.app ...`) on a
 private redis-server broker (short visibility timeouts never touch anyone else's
-messages), jobs in PostgreSQL, the cache on the shared Redis under the test's
-namespace. The test process runs its own `Runtime` and watches each job through its
-pub/sub channel, which carries every new version: a version published twice, out of
+messages) and, for the killed workers, on a private RabbitMQ vhost too; jobs in
+PostgreSQL, the cache on the shared Redis under the test's namespace. The test process
+runs its own `Runtime` and watches each job through its pub/sub channel, which carries
+every new version: a version published twice, out of
 order or missing shows there.
 
 Promises checked:
@@ -47,6 +48,7 @@ from shared.runtime import Runtime
 from shared.schemas import JobView, ProgressRegression, Stage
 from shared.settings import Settings
 from tests import procs
+from tests.brokers import private_vhost
 from tests.conftest import require
 from tests.renderers import RENDER_LOG_ENV, RecordingRenderer, renderer_log
 
@@ -199,10 +201,22 @@ def outcomes(log: str, task_id: str) -> list[str]:
 
 
 @pytest.fixture
-def broker_url(tmp_path: Path) -> Iterator[str]:
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A private broker: a redis-server of its own, or (parametrized "amqp") a private
+    virtual host on the machine's RabbitMQ."""
+    if getattr(request, "param", "redis") == "amqp":
+        amqp_url = request.getfixturevalue("amqp_url")
+        with private_vhost(amqp_url) as url:
+            yield url
+        return
     require("redis-server (binary)", procs.redis_server_binary() is not None)
     with procs.private_redis(tmp_path) as url:
         yield url
+
+
+# The kill scenarios on each broker: Redis redelivers through the visibility timeout,
+# RabbitMQ when the dead consumer's connection closes.
+on_each_broker = pytest.mark.parametrize("broker_url", ["redis", "amqp"], indirect=True)
 
 
 @pytest.fixture
@@ -420,8 +434,9 @@ def test_a_task_redelivered_while_still_running_finishes_the_job_once(stack, rec
 
 @pytest.mark.celery
 @pytest.mark.timeout(120)
+@on_each_broker
 def test_a_worker_child_killed_in_a_stage_resumes_it_without_reporting_it_again(
-    stack, record_figures
+    stack, broker_url, record_figures
 ):
     """Encoding is reported before its work: the new process redoes the work, and neither
     re-renders a scene nor publishes encoding a second time."""
@@ -448,6 +463,7 @@ def test_a_worker_child_killed_in_a_stage_resumes_it_without_reporting_it_again(
     record_figures(
         scenario=8,
         fault="worker child SIGKILLed during encoding",
+        broker=broker_url.split(":", 1)[0],
         finished_after_kill_s=resumed_after,
         scenes=scenes,
         scene_renders=len(scene_renders),
@@ -462,9 +478,14 @@ def test_a_worker_child_killed_in_a_stage_resumes_it_without_reporting_it_again(
 
 @pytest.mark.celery
 @pytest.mark.timeout(150)
-def test_a_whole_worker_killed_is_redelivered_to_a_new_worker_that_resumes(stack, record_figures):
+@on_each_broker
+def test_a_whole_worker_killed_is_redelivered_to_a_new_worker_that_resumes(
+    stack, broker_url, record_figures
+):
     """SIGKILL of the main process and its children: nothing can reject the task, so it
-    comes back only through the visibility timeout, to the worker started after."""
+    comes back to the worker started after, through the visibility timeout on Redis,
+    and on RabbitMQ as soon as the dead worker's connection is closed (unacked messages
+    of a closed channel go back to the queue)."""
     scenes = 12
     job_id = stack.create_job(scenes)
     watch = stack.watch(job_id)
@@ -479,6 +500,9 @@ def test_a_whole_worker_killed_is_redelivered_to_a_new_worker_that_resumes(stack
 
     # Restarted at once, as a supervisor would.
     with stack.worker(renderer=RECORDING, scene_seconds=0.3) as second:
+        ready_after = time.monotonic() - killed_at
+        second.wait_for_log(r"\] received", timeout=FINISH_TIMEOUT)
+        redelivered_after = time.monotonic() - killed_at
         final = stack.wait_finished(job_id, second)
         log = second.log()
     resumed = [
@@ -494,9 +518,12 @@ def test_a_whole_worker_killed_is_redelivered_to_a_new_worker_that_resumes(stack
     record_figures(
         scenario=8,
         fault="whole worker SIGKILLed, new worker started",
+        broker=broker_url.split(":", 1)[0],
         scenes=scenes,
         scenes_done_at_kill=done_at_kill,
         visibility_timeout_s=VISIBILITY_TIMEOUT,
+        new_worker_ready_after_kill_s=ready_after,
+        redelivered_after_kill_s=redelivered_after,
         finished_after_kill_s=delay,
         scene_renders=len(rendered),
     )
@@ -510,6 +537,54 @@ def test_a_whole_worker_killed_is_redelivered_to_a_new_worker_that_resumes(stack
     assert {pid for pid, scene in renders if scene > done_at_kill + 1}.isdisjoint(first_children)
     assert resumed and resumed[0]["version"] == at_kill.version + 1
     assert_published_once_in_order(watch.views, scenes)
+    assert_finished_consistently(final, scenes)
+
+
+@pytest.mark.celery
+@pytest.mark.timeout(150)
+@on_each_broker
+def test_a_standby_worker_takes_over_the_render_of_a_killed_worker(
+    stack, broker_url, record_figures
+):
+    """Two idle workers on the queue; the one that took the task is SIGKILLed whole. The
+    other gets it: on RabbitMQ once the dead connection is closed, on Redis once the
+    visibility timeout (counted from the delivery) has lapsed. Measures kill -> redelivery
+    with no worker start-up in between (the README's broker figures)."""
+    scenes = 12
+    job_id = stack.create_job(scenes)
+    with (
+        stack.worker(renderer=RECORDING, scene_seconds=0.3) as a,
+        stack.worker(renderer=RECORDING, scene_seconds=0.3) as b,
+    ):
+        task_id = enqueue_render(stack.celery, job_id)
+        stack.wait_scenes(job_id, 2)
+        received = rf"\[{task_id}\] received"
+        taker, standby = (a, b) if re.search(received, a.log()) else (b, a)
+        assert re.search(received, taker.log()), "neither worker logged the task"
+        os.killpg(taker.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        procs.wait_until(lambda: not taker.alive(), timeout=10, what="the worker to die")
+        at_kill = stack.db_job(job_id)
+        standby.wait_for_log(received, timeout=FINISH_TIMEOUT)
+        redelivered_after = time.monotonic() - killed_at
+        final = stack.wait_finished(job_id, standby)
+        log = standby.log()
+
+    rendered = [int(what) for _, _, kind, what in renderer_log(stack.render_log) if kind == "scene"]
+    done_at_kill = at_kill.progress.scenes_completed
+    record_figures(
+        scenario=8,
+        fault="whole worker SIGKILLed, a standby worker idle on the queue",
+        broker=broker_url.split(":", 1)[0],
+        visibility_timeout_s=VISIBILITY_TIMEOUT,
+        scenes_done_at_kill=done_at_kill,
+        redelivered_after_kill_s=redelivered_after,
+        finished_after_kill_s=time.monotonic() - killed_at,
+        scene_renders=len(rendered),
+    )
+    assert re.search(rf"job {job_id}: resuming at scene {done_at_kill + 1}\b", log), log[-3000:]
+    assert set(rendered) == set(range(1, scenes + 1))
+    assert len(rendered) - scenes <= 1, "only the scene in progress may be rendered twice"
     assert_finished_consistently(final, scenes)
 
 
