@@ -427,7 +427,17 @@ class Load:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     errors: list[str] = field(default_factory=list)
+    # Versions older than the DB's served outside the window below: the cache's guarantee
+    # says never.
     stale: list[str] = field(default_factory=list)
+    # Older versions served inside the one window the README documents ("Known window"): the
+    # DB's version was written while the writer's own breaker was open (DB only, no
+    # pre-warm), and the writer had not yet recovered and repaired (plus `repair_slack`).
+    stale_in_window: list[str] = field(default_factory=list)
+    # (job, version) written to the database only -> when; and when the writer recovered.
+    db_only: dict[tuple[int, int], float] = field(default_factory=dict)
+    writer_recoveries: list[float] = field(default_factory=list)
+    repair_slack: float = 0.5
     reads: int = 0
     writes: int = 0
     # (monotonic time, poller index, served from Redis?) of every read
@@ -445,16 +455,33 @@ class Load:
                     self.committed[job] = 1
                 continue
             for job in live:
+                up_before = self.writer.cache.available()
                 try:
                     self.writer.cache.update_progress(job, STEPS[steps.get(job, 0)])
                 except Exception as exc:
                     self.errors.append(f"write: {type(exc).__name__}: {exc}")
                     continue
+                up_after = self.writer.cache.available()
                 steps[job] = steps.get(job, 0) + 1
+                version = self.writer.db_version(job)
+                now = time.monotonic()
                 with self.lock:
-                    self.committed[job] = self.writer.db_version(job)
+                    if not (up_before and up_after):
+                        self.db_only[(job, version)] = now
+                    if up_after and not up_before:
+                        self.writer_recoveries.append(now)
+                    self.committed[job] = version
                     self.writes += 1
                 time.sleep(0.01)
+
+    def _in_writer_window(self, job: int, version: int, now: float) -> bool:
+        """Whether `version` of `job` was written DB-only and the writer had not recovered
+        (and repaired) more than `repair_slack` seconds before `now`. Call under the lock."""
+        written = self.db_only.get((job, version))
+        if written is None:
+            return False
+        recovered = [t for t in self.writer_recoveries if t >= written]
+        return not recovered or now <= recovered[0] + self.repair_slack
 
     def poll_forever(self, index: int) -> None:
         h = self.pollers[index]
@@ -475,10 +502,14 @@ class Load:
                     self.served.append((now, index, from_redis))
                     if got is None or got.view.version < floor:
                         version = None if got is None else got.view.version
-                        self.stale.append(
+                        line = (
                             f"job {job}: served v{version}, DB had v{floor} "
                             f"(poller {index}, t={now:.3f}, from Redis: {from_redis})"
                         )
+                        if self._in_writer_window(job, floor, now):
+                            self.stale_in_window.append(line)
+                        else:
+                            self.stale.append(line)
             time.sleep(0.005)
 
 

@@ -169,11 +169,13 @@ def test_a_master_killed_under_load_costs_no_error_and_serves_nothing_stale(
             client.close()
     report = (
         f"{what}; reads {load.reads}, writes {load.writes}, client errors "
-        f"{len(load.errors)}, stale versions served {len(load.stale)}"
+        f"{len(load.errors)}, stale versions served {len(load.stale)} "
+        f"(+{len(load.stale_in_window)} inside the writer's breaker window)"
     )
     print(report)
     assert load.errors == [], report + "\n" + "\n".join(load.errors[:10])
     assert load.stale == [], report + "\n" + "\n".join(load.stale[:10])
+    assert not load.db_only or load.writer_recoveries, "the writer never recovered: " + report
 
 
 @pytest.mark.failover
@@ -206,9 +208,11 @@ def test_a_slot_migrating_during_polls_costs_no_error_and_serves_nothing_stale(
             client.close()
     report = (
         f"{what}; reads {load.reads}, writes {load.writes}, client errors "
-        f"{len(load.errors)}, stale versions served {len(load.stale)}"
+        f"{len(load.errors)}, stale versions served {len(load.stale)} "
+        f"(+{len(load.stale_in_window)} inside the writer's breaker window)"
     )
     print(report)
     assert load.reads > 100, report
     assert load.errors == [], report + "\n" + "\n".join(load.errors[:10])
     assert load.stale == [], report + "\n" + "\n".join(load.stale[:10])
+    assert not load.db_only or load.writer_recoveries, "the writer never recovered: " + report

@@ -238,12 +238,14 @@ def test_sigkill_of_the_master_under_load_costs_no_error_and_serves_nothing_stal
         f"sentinel failover: promotion {promoted_at - killed_at:.2f}s after SIGKILL, "
         f"caching resumed {resume:.2f}s after the promotion; reads {load.reads} "
         f"({load.reads - reads_before} after the kill), writes {load.writes}, "
-        f"client errors {len(load.errors)}, stale versions served {len(load.stale)}"
+        f"client errors {len(load.errors)}, stale versions served {len(load.stale)} "
+        f"(+{len(load.stale_in_window)} inside the writer's breaker window)"
     )
     print(report)
     assert load.reads - reads_before > 50, report
     assert load.errors == [], report + "\n" + "\n".join(load.errors[:10])
     assert load.stale == [], report + "\n" + "\n".join(load.stale[:10])
+    assert not load.db_only or load.writer_recoveries, "the writer never recovered: " + report
     assert resume <= 2.0 + _slack(), report
 
 
