@@ -247,6 +247,7 @@ class RedisServer:
     workdir: Path
     port: int = field(default_factory=free_port)
     extra_args: Sequence[str] = ()
+    binary: str | None = None  # default: `redis-server` on PATH
     executor: TCPExecutor | None = field(default=None, init=False, repr=False)
 
     @property
@@ -262,7 +263,7 @@ class RedisServer:
         return self.executor.process if self.executor is not None else None
 
     def start(self, timeout: float = 10.0) -> None:
-        binary = redis_server_binary()
+        binary = self.binary or redis_server_binary()
         if binary is None:
             raise StartupError("redis-server is not installed (apt-get install redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)

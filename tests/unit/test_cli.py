@@ -531,9 +531,17 @@ def test_choose_redis_starts_a_private_server_when_the_url_does_not_answer(tmp_p
     started = []
     proc = subprocess.Popen(["sleep", "30"])
 
+    class Server:  # what localproc.RedisServer offers the demo
+        url = "redis://127.0.0.1:40001/0"
+        process = proc
+
+        def stop(self):
+            proc.kill()
+            proc.wait()
+
     def start(binary, workdir):
         started.append((binary, workdir))
-        return "redis://127.0.0.1:40001/0", proc
+        return Server()
 
     try:
         choice = demo.choose_redis(
