@@ -89,11 +89,14 @@ class _Executor(SimpleExecutor):
         return {**self._exact_env, ENV_UUID: self._uuid}
 
     def kill_group(self) -> None:
-        """SIGKILL the process group and every marked descendant; idempotent."""
+        """SIGKILL the process group and every marked descendant, then forget the process."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if self.process is not None:
                 os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
         self._kill_all_kids(signal.SIGKILL)
+        # Forgotten, so that the executor's __del__ (which kills) has nothing left to do.
+        self._clear_process()
 
 
 class ServiceProcess:
@@ -194,8 +197,6 @@ class ServiceProcess:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 print(f"--- {self.name} ignored SIGTERM for {timeout}s: SIGKILL", flush=True)
-                self.kill_group()
-                self.popen.wait(10)
         # Children left behind by a killed parent: the group, and any that left it.
         self.kill_group()
         if self._log_file is not None:
