@@ -664,6 +664,8 @@ class Demo:
             "API_WORKERS": "1",
             "FLOWER_PORT": str(flower_port),
             "FLOWER_ADDRESS": "127.0.0.1",
+            # Loopback only, for the length of the demo: open on purpose (renderwatch.flower).
+            "FLOWER_UNAUTHENTICATED_API": "true",
             # Private node names and beat schedule: a live stack on the same broker and
             # checkout must neither answer our healthchecks nor share our schedule file.
             "WORKER_NAME": f"{self.run_id}-{label}-worker",
