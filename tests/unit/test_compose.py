@@ -894,3 +894,83 @@ def test_renderwatch_up_opens_flower_only_on_loopback_and_only_when_nothing_was_
     assert local_flower_access({}, "0.0.0.0") == {}
     assert local_flower_access({"FLOWER_BASIC_AUTH": "a:b"}, "127.0.0.1") == {}
     assert local_flower_access({"FLOWER_UNAUTHENTICATED_API": "false"}, "127.0.0.1") == {}
+
+
+# --------------------------------------------------------------------------- the Dockerfile
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+
+
+def _stages() -> dict[str, list[str]]:
+    """Instructions of each stage (continuation lines joined), by stage name."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            name = line.split()[-1] if " AS " in line.upper() else str(len(stages))
+            current = stages.setdefault(name, [])
+        current.append(line)
+    return stages
+
+
+def test_the_dockerfile_builds_in_one_stage_and_runs_in_another() -> None:
+    stages = _stages()
+    assert list(stages) == ["builder", "runtime"]
+    builder, runtime = stages["builder"], stages["runtime"]
+    make_uv = re.search(r"^UV_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
+    assert make_uv is not None
+    assert f"COPY --from=ghcr.io/astral-sh/uv:{make_uv.group(1)} /uv /bin/uv" in builder
+    text = DOCKERFILE.read_text()
+    assert "pip install" not in text
+    syncs = [line for line in builder if "uv sync" in line]
+    assert len(syncs) == 2 and all("--locked" in s and "--no-dev" in s for s in syncs)
+    assert all("--mount=type=cache,target=/root/.cache/uv" in s for s in syncs)
+    # The dependency layer comes from the lock alone, before any source or the README.
+    first = builder.index(syncs[0])
+    assert "--no-install-project" in syncs[0]
+    assert not any(line.startswith("COPY") and "README" in line for line in builder[:first])
+    assert "--no-editable" in syncs[1]
+    # The runtime stage: the virtualenv from the builder, no uv, no sources, not root.
+    copies = [line for line in runtime if line.startswith("COPY")]
+    assert copies == ["COPY --from=builder /app/.venv /app/.venv"]
+    users = [line.split()[1] for line in runtime if line.startswith("USER")]
+    assert users and users[-1] not in ("root", "0")
+
+
+def _docker_context(files: list[str]) -> set[str]:
+    """The files a build context holds under .dockerignore (last matching rule wins)."""
+    import fnmatch
+
+    rules = []
+    for line in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            rules.append((line.startswith("!"), line.lstrip("!").rstrip("/")))
+    kept = set()
+    for path in files:
+        included = True
+        for negate, pattern in rules:
+            parts = path.split("/")
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            pattern = pattern.replace("**/", "*/") if pattern.startswith("**/") else pattern
+            if any(fnmatch.fnmatch(p, pattern) for p in prefixes) or fnmatch.fnmatch(path, pattern):
+                included = negate
+        if included:
+            kept.add(path)
+    return kept
+
+
+def test_the_build_context_holds_no_tests_benchmarks_ci_or_secrets() -> None:
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    context = _docker_context([*files, ".env", "var/renderwatch.db"])
+    for path in context:
+        assert not path.startswith(("tests/", "bench/", ".ci/", ".env", "var/", ".git")), path
+    for needed in ("pyproject.toml", "uv.lock", "README.md", "api/app.py", "worker/app.py"):
+        assert needed in context
+    assert any(p.startswith("renderwatch/migrations/") for p in context)
