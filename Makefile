@@ -45,8 +45,8 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/renderwatch demo
 
+# `renderwatch up` runs the compose file's one-shot `migrate` before the services.
 up: $(STAMP)
-	$(BIN)/renderwatch migrate
 	$(BIN)/renderwatch up
 
 bench: $(STAMP)
