@@ -111,6 +111,29 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def private_pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test alone."""
+    from renderwatch.localproc import private_database
+
+    with private_database(pg_admin_url, "rw_t") as url:
+        yield url
+
+
+@pytest.fixture
+def broker_url(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server as the Celery broker (its URL).
+
+    Tests with short visibility timeouts never touch the messages (or kombu's global
+    unacked index) of anyone sharing the main Redis.
+    """
+    from renderwatch.localproc import private_redis, redis_server_binary
+
+    require("redis-server (binary)", redis_server_binary() is not None)
+    with private_redis(tmp_path) as server:
+        yield server.url
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A migrated SQLite database in the test's temporary folder."""
     from renderwatch.migrate import upgrade
