@@ -34,6 +34,7 @@ from shared.db import build_engine, build_session_factory
 from shared.models import Job
 from shared.settings import Settings
 from tests import procs
+from tests.faults.conftest import Client
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres, pytest.mark.redis]
 
@@ -42,16 +43,6 @@ KEY_CACHE_SECONDS = 1.0
 REVOCATION_SLACK_SECONDS = 0.5
 MISSING_ID = 10**12
 PROBE_IDS = range(1, 51)
-
-
-@dataclass(frozen=True)
-class Client:
-    client_id: str
-    key: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
 
 
 @dataclass

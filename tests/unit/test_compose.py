@@ -974,3 +974,15 @@ def test_the_build_context_holds_no_tests_benchmarks_ci_or_secrets() -> None:
     for needed in ("pyproject.toml", "uv.lock", "README.md", "api/app.py", "worker/app.py"):
         assert needed in context
     assert any(p.startswith("renderwatch/migrations/") for p in context)
+
+
+def test_the_package_floors_allow_what_the_file_and_the_code_use() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"  # 3.12 and 3.13 users too
+    floors = {re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0]: dep for dep in project["dependencies"]}
+    beat = load_services(COMPOSE, SECRETS)["beat"].command
+    if "--enable-remote-control" in beat:  # beat's remote control came with Celery 5.7
+        assert floors["celery"] == "celery>=5.7"
+    assert floors["starlette"] == "starlette>=0.48"  # RFC 9110 status names in api/errors.py
