@@ -1,9 +1,10 @@
 """docker-compose.yml, the one source of truth for service commands, and a local runner for it.
 
 `load_services` reads the file with compose's variable interpolation. `Stack` runs the
-services we build ourselves (api, worker, beat, flower and the one-shot migrate) as
-local processes, with the commands and environment *from the file*, overridden by the
-mapping it is given; services that are only an `image:` (redis, postgres) are not
+services of our image (the one-shot migrate, which builds it, and api, worker, beat,
+flower, which use it) as local processes, with the commands and environment *from the
+file*, overridden by the mapping it is given and with every setting left to the caller
+(see `load_document`'s `supplied`); services of other images (redis, postgres) are not
 started: the machine's own servers stand in for them. `renderwatch up` (`up()`) runs
 the app services in the foreground this way, with each output line prefixed by its
 service's name.
