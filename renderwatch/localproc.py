@@ -17,6 +17,7 @@ everything they started.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -32,8 +33,14 @@ from typing import IO, Any
 
 import port_for
 from mirakuru import SimpleExecutor, TCPExecutor
-from mirakuru.base import ENV_UUID
+from mirakuru.base import ENV_UUID, cleanup_subprocesses
 from mirakuru.exceptions import AlreadyRunning, ProcessExitedWithError, TimeoutExpired
+
+# mirakuru's exit hook kills every process whose marker merely *contains* this
+# process's PID as text (PID 345 matches another run's "12345:..."). On a machine
+# where other test runs and agents start processes too, that may hit processes that
+# are not ours; ours are stopped explicitly (and when their executor is collected).
+atexit.unregister(cleanup_subprocesses)
 
 __all__ = [
     "RedisServer",
