@@ -51,8 +51,8 @@ test-failover: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/renderwatch demo
 
+# `renderwatch up` runs the compose file's one-shot `migrate` before the services.
 up: $(STAMP)
-	$(BIN)/renderwatch migrate
 	$(BIN)/renderwatch up
 
 bench: $(STAMP)

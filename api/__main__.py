@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from api.metrics import reset_multiprocess_dir
 from shared.settings import get_settings
 
 
@@ -31,6 +33,10 @@ def main() -> None:
     """Run uvicorn in factory mode: every worker process builds its own app after the fork."""
     settings = get_settings()
     level = settings.log_level.upper()
+    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if multiproc_dir:
+        # Before any worker starts: files of a previous run would be summed in.
+        reset_multiprocess_dir(multiproc_dir)
     uvicorn.run(
         "api.app:create_app",
         factory=True,

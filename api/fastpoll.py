@@ -7,8 +7,8 @@ layer answers only the plain case -- a well-formed id and a key this process alr
 resolved -- with the same reader, the same ownership rule and the same response
 function as the route (`api.routes.job_response`, `api.errors.job_not_found`), so
 both paths answer byte for byte alike. Anything else (no key, an unknown or cold
-key, a malformed id, another method) falls through to FastAPI unchanged, which gives
-the 401s, 422s and OpenAPI documentation.
+key, a malformed id, another method, a GET that carries a body) falls through to
+FastAPI unchanged, which gives the 401s, 413s, 422s and OpenAPI documentation.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ class FastPollMiddleware:
                 authorization = value.decode("latin-1")
             elif name == b"if-none-match" and if_none_match is None:
                 if_none_match = value.decode("latin-1")
+            elif name in (b"content-length", b"transfer-encoding"):
+                # A GET with a body: the app's body limit decides (413 when too large),
+                # so the warm and the cold poll answer alike.
+                return None
         if authorization is None or authorization[:7].lower() != "bearer ":
             return None
         token = authorization[7:]

@@ -14,7 +14,9 @@ Modes (`spec["mode"]`):
 
 Times are `time.monotonic()`, which is system-wide on Linux, so the parent can line up
 its own samples with the records; the start time `t0` comes from the parent once every
-process of the scenario is ready. Every loop is bounded in count and in time.
+process of the scenario is ready. Every loop is bounded in count and in time. h11
+parses the answers (status line, headers, Content-Length or chunked bodies,
+keep-alive); this module only moves bytes.
 """
 
 from __future__ import annotations
@@ -29,75 +31,74 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
+
 from bench.procs import SpecRun, child_handshake, start_together
 
 REQUEST_TIMEOUT = 10.0
-HEADER_END = b"\r\n\r\n"
+READ_SIZE = 65_536
 
 
 class HttpError(Exception):
     """A malformed answer or a dropped connection."""
 
 
-def build_request(path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+def build_request(path: str, headers: dict[str, str]) -> h11.Request:
+    return h11.Request(method="GET", target=path, headers=[("Host", "127.0.0.1"), *headers.items()])
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection."""
+    """One keep-alive HTTP/1.1 connection; h11 does the protocol, this class the I/O."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self._http = h11.Connection(our_role=h11.CLIENT)
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self._http = h11.Connection(our_role=h11.CLIENT)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
 
-    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def request(self, request: h11.Request) -> tuple[int, dict[str, str], bytes]:
         """Send one request; return status, lower-cased headers and body."""
         if self.writer is None:
             await self.open()
         assert self.reader is not None and self.writer is not None
-        self.writer.write(raw)
-        head = await self.reader.readuntil(HEADER_END)
-        lines = head.decode("latin-1").split("\r\n")
+        http = self._http
         try:
-            status = int(lines[0].split(" ", 2)[1])
-        except (IndexError, ValueError) as exc:
-            raise HttpError(f"bad status line {lines[0]!r}") from exc
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        if "content-length" in headers:
-            body = await self.reader.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            body = await self._chunked()
+            self.writer.write(http.send(request) or b"")
+            self.writer.write(http.send(h11.EndOfMessage()) or b"")
+            status, headers, body = 0, {}, bytearray()
+            while True:
+                event = http.next_event()
+                if event is h11.NEED_DATA:
+                    http.receive_data(await self.reader.read(READ_SIZE))  # b"": the peer closed
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    headers = {
+                        name.decode("latin-1"): value.decode("latin-1")
+                        for name, value in event.headers
+                    }
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise HttpError("the server closed the connection before answering")
+                # h11.InformationalResponse (1xx): wait for the final answer.
+        except h11.ProtocolError as exc:
+            raise HttpError(f"malformed HTTP: {exc}") from exc
+        if http.our_state is h11.DONE and http.their_state is h11.DONE:
+            http.start_next_cycle()  # keep-alive: the same connection serves the next one
         else:
-            body = b""
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status, headers, body
-
-    async def _chunked(self) -> bytes:
-        assert self.reader is not None
-        parts: list[bytes] = []
-        while True:
-            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                await self.reader.readuntil(b"\r\n")
-                return b"".join(parts)
-            parts.append(await self.reader.readexactly(size))
-            await self.reader.readexactly(2)
+            self.close()  # `Connection: close`, or HTTP/1.0: a new connection next time
+        return status, headers, bytes(body)
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Records:
         }
 
 
-async def _one(conn: Connection, raw: bytes, records: Records) -> int:
+async def _one(conn: Connection, raw: h11.Request, records: Records) -> int:
     start = time.monotonic()
     try:
         status, _, _ = await asyncio.wait_for(conn.request(raw), REQUEST_TIMEOUT)

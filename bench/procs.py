@@ -2,8 +2,9 @@
 
 Every server the bench starts (API instances, reference apps, redis-server, the hung
 TCP server) is registered in one `ProcessGroup`; leaving its `with` block stops them
-all, on success and on failure alike (SIGTERM to the child's own process group, then
-SIGKILL after a grace period).
+all, on success and on failure alike (SIGTERM, then SIGKILL of the child's process
+group after a grace period). Ports and processes come from `renderwatch.localproc`,
+which the demo and the tests use too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,15 +24,25 @@ from typing import Any
 
 import httpx
 
+from renderwatch.localproc import ServiceProcess, StartupError, free_port
+
+__all__ = [
+    "PYTHON",
+    "REPO_ROOT",
+    "Child",
+    "ProcessGroup",
+    "SpecRun",
+    "StartupError",
+    "base_env",
+    "free_port",
+    "group_cpu_seconds",
+    "start_together",
+    "wait_http",
+    "wait_port",
+]
+
 PYTHON = sys.executable
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(**overrides: str) -> dict[str, str]:
@@ -45,22 +55,26 @@ def base_env(**overrides: str) -> dict[str, str]:
 
 @dataclass
 class Child:
-    """One started process and where its output goes."""
+    """One started process (a `renderwatch.localproc.ServiceProcess`) and its port."""
 
     name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+    service: ServiceProcess
     port: int | None = None
 
+    @property
+    def proc(self) -> subprocess.Popen[Any]:
+        assert self.service.popen is not None
+        return self.service.popen
+
+    @property
+    def log(self) -> Path:
+        return self.service.log_path
+
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.service.alive()
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self.service.tail(lines)
 
 
 @dataclass
@@ -78,37 +92,21 @@ class ProcessGroup:
         env: Mapping[str, str] | None = None,
         port: int | None = None,
     ) -> Child:
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        log = self.logdir / f"{name}.log"
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                list(argv),
-                env=dict(env) if env is not None else base_env(),
-                cwd=REPO_ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                # Its own process group: stopping it also stops uvicorn's worker processes.
-                start_new_session=True,
-            )
-        child = Child(name=name, proc=proc, log=log, port=port)
+        # Its own session (localproc): stopping it also stops uvicorn's worker processes.
+        service = ServiceProcess(
+            name,
+            argv,
+            env if env is not None else base_env(),
+            self.logdir / f"{name}.log",
+            cwd=REPO_ROOT,
+        ).start()
+        child = Child(name=name, service=service, port=port)
         self.children.append(child)
         return child
 
     def stop(self, child: Child, *, grace: float = 5.0) -> None:
         """Stop one child (and its process group); idempotent."""
-        if child.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.proc.pid, signal.SIGTERM)
-            try:
-                child.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                child.proc.wait(grace)
-        # Workers of a stopped master may linger for a moment; make sure none survives.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGKILL)
+        child.service.stop(grace)
         if child in self.children:
             self.children.remove(child)
 
@@ -126,10 +124,6 @@ class ProcessGroup:
         tb: TracebackType | None,
     ) -> None:
         self.stop_all()
-
-
-class StartupError(RuntimeError):
-    """A child did not become ready in time (its log tail is in the message)."""
 
 
 def wait_port(child: Child, port: int, *, timeout: float = 30.0) -> None:

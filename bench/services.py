@@ -5,18 +5,16 @@ and a hung TCP server. Each is created for the run and removed at its end.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import redis
 
 from bench.procs import PYTHON, Child, ProcessGroup, base_env, free_port, wait_port
-from renderwatch.migrate import upgrade
+from renderwatch import localproc
+from renderwatch.localproc import redis_server_argv
 
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -47,21 +45,7 @@ def start_redis(group: ProcessGroup, workdir: Path) -> PrivateRedis:
         raise MissingTool("redis-server is missing: apt-get install redis-server")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-        "--maxclients",
-        "4096",
-    ]
+    argv = redis_server_argv(binary, port, workdir, "--maxclients", "4096")
     child = group.start("redis-server", argv, env=base_env(), port=port)
     wait_port(child, port)
     return PrivateRedis(child=child, port=port)
@@ -75,20 +59,8 @@ def start_hung_server(group: ProcessGroup) -> Child:
     return child
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://")
-
-
 @contextlib.contextmanager
 def private_database(admin_url: str = DEFAULT_PG_ADMIN_URL) -> Iterator[str]:
     """Create a fresh migrated PostgreSQL database for the run; drop it at the end."""
-    name = f"rw_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{admin_url.rsplit('/', 1)[0]}/{name}"
-    try:
-        upgrade(url)
+    with localproc.private_database(admin_url, "rw_bench") as url:
         yield url
-    finally:
-        with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

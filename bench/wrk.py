@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -16,8 +16,6 @@ from bench.httpload import run_load
 from bench.stats import percentile
 
 WRK_INSTALL_HINT = "wrk is not installed: `apt-get install wrk` (falling back to bench.httpload)"
-
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
 @dataclass(frozen=True)
@@ -43,29 +41,39 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
-    if match is None:
-        raise ValueError(f"unparseable wrk duration {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+# wrk's `done()` hook writes the run's figures as JSON (wrk's own numbers, in
+# microseconds), so nothing is read back from its human-readable report.
+DONE_HOOK = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local out = assert(io.open(%s, "w"))
+  out:write(string.format(
+    '{"requests": %%d, "duration_us": %%d, "p50_us": %%.3f, "p99_us": %%.3f, '
+    .. '"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d}',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+  out:close()
+end
+"""
 
 
-def parse_wrk(output: str) -> Throughput:
-    """Read req/s, p50, p99 and the error counts out of `wrk --latency` output."""
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
-    errors = 0
-    non_ok = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    if non_ok:
-        errors += int(non_ok.group(1))
-    sock = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+def parse_wrk_json(text: str) -> Throughput:
+    """The figures `DONE_HOOK` wrote: req/s, p50, p99, and every kind of error.
+
+    `status` counts answers that are not 2xx or 3xx; the others are socket errors.
+    """
+    data = json.loads(text)
+    errors = sum(int(data[kind]) for kind in ("connect", "read", "write", "status", "timeout"))
+    seconds = float(data["duration_us"]) / 1e6
+    requests = int(data["requests"])
+    return Throughput(
+        rps=requests / seconds if seconds > 0 else 0.0,
+        p50_ms=float(data["p50_us"]) / 1000.0,
+        p99_ms=float(data["p99_us"]) / 1000.0,
+        requests=requests,
+        errors=errors,
+        tool="wrk",
     )
-    if sock:
-        errors += sum(int(part) for part in sock.groups())
-    return Throughput(rps=rps, p50_ms=p50, p99_ms=p99, requests=total, errors=errors, tool="wrk")
 
 
 def _lua_string(value: str) -> str:
@@ -82,13 +90,17 @@ def run_wrk(
     workdir: Path,
     name: str,
 ) -> Throughput:
-    """wrk against `url`; headers go in through a Lua script (set once, no per-request hook)."""
+    """wrk against `url`; a Lua script sets the headers (once, no per-request hook) and
+    writes the results as JSON when the run is done."""
     binary = wrk_path()
     assert binary is not None
     workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / f"{name}.lua"
+    result = workdir / f"{name}.wrk.json"
+    result.unlink(missing_ok=True)
     script.write_text(
         "".join(f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}\n" for k, v in headers.items())
+        + DONE_HOOK % _lua_string(str(result))
     )
     seconds = max(1, round(duration))
     proc = subprocess.run(
@@ -110,9 +122,9 @@ def run_wrk(
         check=False,
     )
     (workdir / f"{name}.wrk.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}")
-    return parse_wrk(proc.stdout)
+    return parse_wrk_json(result.read_text())
 
 
 def run_python(

@@ -14,19 +14,18 @@ message or a `repr`. `transport=` is the seam for tests (`httpx.MockTransport`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from shared.schemas import JobView
 
 DEFAULT_TIMEOUT = 10.0
 DB_QUERIES_METRIC = "renderwatch_db_queries_total"
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
 class ClientError(Exception):
@@ -200,17 +199,19 @@ def parse_job(response: httpx.Response) -> JobView:
 
 
 def metric_total(text: str, name: str = DB_QUERIES_METRIC) -> float | None:
-    """Sum of every sample of `name` (all label sets) in Prometheus text; None if absent."""
+    """Sum of every sample of `name` (all label sets) in Prometheus text; None if absent.
+
+    Parsed by `prometheus_client.parser`, so label values holding `}` or `"` (a route
+    template such as `/api/v2/jobs/{job_id}`) are read as Prometheus means them.
+    """
     total: float | None = None
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match.group(1) != name:
-            continue
-        try:
-            value = float(match.group(3))
-        except ValueError:
-            continue
-        total = value if total is None else total + value
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name:
+                    total = sample.value if total is None else total + sample.value
+    except ValueError as exc:
+        raise ClientError(f"/metrics is not Prometheus text: {exc}") from None
     return total
 
 

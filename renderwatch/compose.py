@@ -1,9 +1,10 @@
 """docker-compose.yml, the one source of truth for service commands, and a local runner for it.
 
 `load_services` reads the file with compose's variable interpolation. `Stack` runs the
-services we build ourselves (api, worker, beat, flower and the one-shot migrate) as
-local processes, with the commands and environment *from the file*, overridden by the
-mapping it is given; services that are only an `image:` (redis, postgres) are not
+services of our image (the one-shot migrate, which builds it, and api, worker, beat,
+flower, which use it) as local processes, with the commands and environment *from the
+file*, overridden by the mapping it is given and with every setting left to the caller
+(see `load_document`'s `supplied`); services of other images (redis, postgres) are not
 started: the machine's own servers stand in for them. `renderwatch up` (`up()`) runs
 the app services in the foreground this way, with each output line prefixed by its
 service's name.
@@ -168,11 +169,12 @@ class Service:
     image: str | None = None
     build: bool = False
     restart: str | None = None
+    our_image: bool = False  # runs the image another service of the file builds
 
     @property
     def local(self) -> bool:
-        """Built from our Dockerfile, so runnable as a local process (redis/postgres are not)."""
-        return self.build
+        """Runs our image (builds it, or uses the one built), so runnable as a local process."""
+        return self.build or self.our_image
 
     def healthcheck_argv(self) -> list[str] | None:
         """The healthcheck as a local argv (CMD-SHELL runs through /bin/sh)."""
@@ -186,8 +188,20 @@ class Service:
         raise ComposeError(f"{self.name}: healthcheck test must start with CMD or CMD-SHELL")
 
 
-def load_document(path: Path | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The whole compose file as a mapping, every string value interpolated against `env`."""
+def load_document(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    supplied: Collection[str] = (),
+) -> dict[str, Any]:
+    """The whole compose file as a mapping, every string value interpolated against `env`.
+
+    `supplied`: environment variables a local run sets itself (its settings). Their
+    values in the services of our image are dropped before interpolation, and the
+    environment of image-only services (redis, postgres: not run locally) is not read,
+    so a `${SECRET:?message}` that guards a container deployment does not stop a local
+    run that never uses the file's value.
+    """
     path = path or DEFAULT_COMPOSE_FILE
     env = os.environ if env is None else env
     try:
@@ -196,21 +210,61 @@ def load_document(path: Path | None = None, env: Mapping[str, str] | None = None
         raise ComposeError(f"{path.name}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
         raise ComposeError(f"{path.name}: needs a top-level 'services' mapping")
+    if supplied:
+        raw = _for_local_run(raw, frozenset(supplied))
     document: dict[str, Any] = _interpolate_tree(raw, env)
     return document
 
 
+def _built_images(services: Mapping[str, Any]) -> set[str]:
+    return {
+        str(spec["image"])
+        for spec in services.values()
+        if isinstance(spec, dict) and "build" in spec and spec.get("image") is not None
+    }
+
+
+def _for_local_run(raw: dict[str, Any], supplied: frozenset[str]) -> dict[str, Any]:
+    built = _built_images(raw["services"])
+    services: dict[str, Any] = {}
+    for name, spec in raw["services"].items():
+        if not isinstance(spec, dict):
+            services[name] = spec
+            continue
+        spec = dict(spec)  # anchors share mappings between services: never edit in place
+        environment = spec.get("environment")
+        if "build" not in spec and spec.get("image") not in built:
+            spec.pop("environment", None)
+        elif isinstance(environment, dict):
+            spec["environment"] = {k: v for k, v in environment.items() if k not in supplied}
+        elif isinstance(environment, list):
+            spec["environment"] = [
+                e for e in environment if str(e).partition("=")[0] not in supplied
+            ]
+        services[name] = spec
+    # `x-` extension fields are only anchors here: their copies in the services count.
+    kept = {key: value for key, value in raw.items() if not str(key).startswith("x-")}
+    return {**kept, "services": services}
+
+
 def load_services(
-    path: Path | None = None, env: Mapping[str, str] | None = None
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    supplied: Collection[str] = (),
 ) -> dict[str, Service]:
-    """The services of the compose file (default: the repo's docker-compose.yml)."""
+    """The services of the compose file (default: the repo's docker-compose.yml).
+
+    `supplied`: see `load_document`.
+    """
     env = os.environ if env is None else env
-    document = load_document(path, env)
+    document = load_document(path, env, supplied=supplied)
+    built = _built_images(document["services"])
     services: dict[str, Service] = {}
     for name, spec in document["services"].items():
         if not isinstance(spec, dict):
             raise ComposeError(f"service {name!r}: must be a mapping")
-        services[name] = _service(str(name), spec, env)
+        services[name] = _service(str(name), spec, env, built)
     for service in services.values():
         for dep, condition in service.depends_on.items():
             if dep not in services:
@@ -220,7 +274,9 @@ def load_services(
     return services
 
 
-def _service(name: str, spec: dict[str, Any], env: Mapping[str, str]) -> Service:
+def _service(
+    name: str, spec: dict[str, Any], env: Mapping[str, str], built: Collection[str] = ()
+) -> Service:
     restart = spec.get("restart")
     image = spec.get("image")
     return Service(
@@ -232,6 +288,7 @@ def _service(name: str, spec: dict[str, Any], env: Mapping[str, str]) -> Service
         image=str(image) if image is not None else None,
         build="build" in spec,
         restart=str(restart) if restart is not None else None,
+        our_image="build" not in spec and image is not None and str(image) in built,
     )
 
 
@@ -421,7 +478,10 @@ class Stack:
     ) -> None:
         self._overrides = {key: str(value) for key, value in env.items()}
         self._lookup = {**os.environ, **self._overrides}
-        self.services = load_services(compose_file, self._lookup)
+        # Every setting comes from the caller (its Settings: environment or .env), never
+        # from the file's container values (hosts `redis`/`postgres`, required secrets).
+        supplied = {*self._overrides, *(name.upper() for name in Settings.model_fields)}
+        self.services = load_services(compose_file, self._lookup, supplied=supplied)
         self._one_shots = {
             dep
             for service in self.services.values()
@@ -728,6 +788,7 @@ def up(argv: list[str] | None = None) -> int:
     env = settings_environment(settings)
     # Flower's address is no setting of ours; on a developer's machine it stays on loopback.
     env["FLOWER_ADDRESS"] = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
+    env.update(local_flower_access(os.environ, env["FLOWER_ADDRESS"]))
     schedule_dir = REPO_ROOT / "var"
     schedule_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -765,6 +826,15 @@ def up(argv: list[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous_term)
+
+
+def local_flower_access(environ: Mapping[str, str], address: str) -> dict[str, str]:
+    """Flower on loopback with no credentials given: open on purpose (renderwatch.flower
+    refuses an unauthenticated Flower otherwise). Bound elsewhere, the user decides."""
+    chosen = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_UNAUTHENTICATED_API")
+    if address in ("127.0.0.1", "localhost", "::1") and not any(environ.get(k) for k in chosen):
+        return {"FLOWER_UNAUTHENTICATED_API": "true"}
+    return {}
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:

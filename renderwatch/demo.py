@@ -22,7 +22,6 @@ import argparse
 import itertools
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +34,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from renderwatch import localproc
 from renderwatch.client import ClientError, RenderwatchClient, metric_total
+from renderwatch.localproc import free_port as free_port
 from shared.settings import REPO_ROOT, Settings, redact_url
 
 if TYPE_CHECKING:
@@ -76,19 +77,18 @@ class RedisChoice:
     url: str
     origin: str  # "configured", "private" or "none"
     note: str
-    process: subprocess.Popen[bytes] | None = None
+    server: localproc.RedisServer | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[Any] | None:
+        """The private redis-server's process, if the demo started one."""
+        return self.server.process if self.server is not None else None
 
     def stop(self) -> None:
-        """Stop the private redis-server, if the demo started one."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        """Stop the private redis-server, if the demo started one; idempotent."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
 
 
 def redis_answers(url: str, *, timeout: float = 0.5) -> bool:
@@ -111,58 +111,35 @@ def redis_answers(url: str, *, timeout: float = 0.5) -> bool:
         client.close()
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_redis_server(
     binary: str,
     workdir: Path,
     *,
     answers: Callable[[str], bool] = redis_answers,
     timeout: float = 10.0,
-) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start a private, non-persistent redis-server on a free loopback port."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--logfile",
-            str(workdir / "redis-server.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+) -> localproc.RedisServer:
+    """Start a private, non-persistent redis-server on a free loopback port.
+
+    The returned server must be kept: dropping it stops the process.
+    """
+    server = localproc.RedisServer(workdir, binary=binary)
+    try:
+        server.start(timeout)
+    except localproc.StartupError as exc:
+        raise DemoError(str(exc)) from None
+    process = server.process
+    assert process is not None
+    # The port is open; PING proves it is the server we started that answers.
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if answers(url):
-            return url, process
-        if process.poll() is not None:
-            break
+    while not answers(server.url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise DemoError(
+                f"the private redis-server did not answer on port {server.port} "
+                f"(see {server.logfile})"
+            )
         time.sleep(0.05)
-    if process.poll() is None:
-        process.kill()
-    process.wait(timeout=10)
-    raise DemoError(
-        f"the private redis-server did not answer on port {port} "
-        f"(see {workdir / 'redis-server.log'})"
-    )
+    return server
 
 
 def choose_redis(
@@ -171,7 +148,7 @@ def choose_redis(
     binary: str | None,
     workdir: Path,
     answers: Callable[[str], bool] = redis_answers,
-    start: Callable[[str, Path], tuple[str, subprocess.Popen[bytes]]] | None = None,
+    start: Callable[[str, Path], localproc.RedisServer] | None = None,
 ) -> RedisChoice:
     """REDIS_URL if a Redis answers there; else a private redis-server; else caching off."""
     if configured_url and answers(configured_url):
@@ -188,7 +165,7 @@ def choose_redis(
     if binary:
         launch = start or (lambda b, d: start_redis_server(b, d, answers=answers))
         try:
-            url, process = launch(binary, workdir)
+            server = launch(binary, workdir)
         except (DemoError, OSError) as exc:
             return RedisChoice(
                 url="",
@@ -197,10 +174,10 @@ def choose_redis(
                 "caching stays OFF, only the cache-off run is measured",
             )
         return RedisChoice(
-            url=url,
+            url=server.url,
             origin="private",
-            note=f"a private redis-server at {url} ({why})",
-            process=process,
+            note=f"a private redis-server at {server.url} ({why})",
+            server=server,
         )
     return RedisChoice(
         url="",
@@ -482,7 +459,7 @@ class Demo:
         self._prepare_database(database_url)
         keys = self._create_keys(database_url)
         say(f"  migrated the database and created API keys for {' and '.join(CLIENTS)}")
-        api_port, flower_port = free_port(), free_port()
+        api_port, flower_port = localproc.free_port(), localproc.free_port()
         env = self._stack_env(label, database_url, cache, api_port, flower_port)
         self._unforgotten.append(env)
         services = [s for s in SERVICES if s != "flower" or self.config.flower]
@@ -687,6 +664,8 @@ class Demo:
             "API_WORKERS": "1",
             "FLOWER_PORT": str(flower_port),
             "FLOWER_ADDRESS": "127.0.0.1",
+            # Loopback only, for the length of the demo: open on purpose (renderwatch.flower).
+            "FLOWER_UNAUTHENTICATED_API": "true",
             # Private node names and beat schedule: a live stack on the same broker and
             # checkout must neither answer our healthchecks nor share our schedule file.
             "WORKER_NAME": f"{self.run_id}-{label}-worker",

@@ -5,8 +5,9 @@
 - `RecordingClient`: a Redis client proxy that records every command sent (to prove
   O(1) invalidation and that health checks make no round trip).
 - `HungServer`: a TCP server that accepts connections and never answers.
-- `RedisServer`: a private `redis-server` on a free port that a test may stop, restart
-  and pause without disturbing the shared Redis.
+- `RedisServer`, `private_redis`, `free_port`: from `renderwatch.localproc` (re-exported
+  here): a private `redis-server` on a free port that a test may stop, restart and pause
+  without disturbing the shared Redis.
 - `stats_child`: the body of a spawned process in the multi-process statistics test.
 
 The contract suite that runs on fakeredis and on the real Redis is `CacheContract` in
@@ -17,20 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import selectors
-import shutil
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from unittest.mock import Mock
 
 import orjson
 from sqlalchemy import Engine
 
+from renderwatch.localproc import RedisServer as RedisServer
+from renderwatch.localproc import free_port as free_port
+from renderwatch.localproc import private_redis as private_redis
 from shared import jobs
 from shared.cache import CachePolicy, CircuitBreaker, JobCache, KeySpace
 from shared.cache.breaker import State
@@ -332,13 +333,6 @@ class RecordingClient:
 # -- network fakes and a private redis-server --------------------------------------------------
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class HungServer:
     """Accepts TCP connections and reads whatever arrives, but never answers (a hung Redis)."""
 
@@ -397,88 +391,6 @@ class HungServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass
-class RedisServer:
-    """A private `redis-server` on a free loopback port; `stop()` and `start()` keep the port."""
-
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server is not installed"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        admin = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            ok = wait_until(lambda: _pings(admin), timeout, 0.05)
-        finally:
-            admin.close()
-        assert ok, f"private redis-server on port {self.port} did not start"
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def admin(self) -> Any:
-        import redis
-
-        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _pings(client: Any) -> bool:
-    import redis
-
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-
-
-@contextlib.contextmanager
-def private_redis(workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(workdir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def stats_child(redis_url: str, db_url: str, namespace: str, job_ids: list[int], reads: int) -> int:

@@ -101,26 +101,36 @@ def pg_admin_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
-def _psycopg_url(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://")
-
-
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session."""
-    import psycopg
+    from renderwatch.localproc import private_database
 
-    from renderwatch.migrate import upgrade
+    with private_database(pg_admin_url, "rw_test") as url:
+        yield url
 
-    name = f"rw_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(_psycopg_url(pg_admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = pg_admin_url.rsplit("/", 1)[0]
-    url = f"{base}/{name}"
-    upgrade(url)
-    yield url
-    with psycopg.connect(_psycopg_url(pg_admin_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+@pytest.fixture
+def private_pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test alone."""
+    from renderwatch.localproc import private_database
+
+    with private_database(pg_admin_url, "rw_t") as url:
+        yield url
+
+
+@pytest.fixture
+def broker_url(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server as the Celery broker (its URL).
+
+    Tests with short visibility timeouts never touch the messages (or kombu's global
+    unacked index) of anyone sharing the main Redis.
+    """
+    from renderwatch.localproc import private_redis, redis_server_binary
+
+    require("redis-server (binary)", redis_server_binary() is not None)
+    with private_redis(tmp_path) as server:
+        yield server.url
 
 
 @pytest.fixture

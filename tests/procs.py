@@ -1,10 +1,12 @@
-"""Real processes for tests: Celery workers, beat, and private redis-server instances.
+"""Real processes for tests: Celery workers, beat, API servers, private redis-server.
 
-Each process runs from the repository root with the virtualenv's `celery`, writes its
-output to a log file under the test's tmp_path, and is stopped with SIGTERM, then
-SIGKILL of its whole process group on timeout. When the body of one of the context
-managers raises (a failed assertion included), the logs are printed so that pytest
-shows them with the failure.
+Ports, the private redis-server and the process class come from `renderwatch.localproc`
+(shared with the demo and the bench); the old names here stay as re-exports. Each
+process runs from the repository root with the virtualenv's `celery`, writes its output
+to a log file under the test's tmp_path, and is stopped with SIGTERM, then SIGKILL of
+its whole process group (and any descendant that left it) on timeout. When the body of
+one of the context managers raises (a failed assertion included), the logs are printed
+so that pytest shows them with the failure.
 
     with celery_worker(settings_env(settings), tmp_path, queue=settings.celery_queue) as w:
         ...
@@ -13,39 +15,36 @@ shows them with the failure.
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from renderwatch import localproc
+from renderwatch.localproc import ServiceProcess, free_port, redis_server_binary, wait_until
 from shared.settings import Settings
+
+__all__ = [
+    "CELERY",
+    "REPO_ROOT",
+    "ServiceProcess",
+    "api_server",
+    "celery_beat",
+    "celery_worker",
+    "free_port",
+    "private_redis",
+    "redis_server_binary",
+    "running",
+    "settings_env",
+    "wait_until",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CELERY = Path(sys.executable).parent / "celery"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
-
-
-def wait_until(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "it"
-) -> Any:
-    """Poll `predicate` until it returns something truthy (returned); fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
@@ -58,104 +57,6 @@ def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
         env[name.upper()] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-class ServiceProcess:
-    """A child process with its log file; its own session, so its group can be killed."""
-
-    def __init__(self, name: str, args: Sequence[str | Path], env: Mapping[str, str], log: Path):
-        self.name = name
-        self.args = [str(a) for a in args]
-        self.env = dict(env)
-        self.log_path = log
-        self._log_file: IO[bytes] | None = None
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None, f"{self.name} was not started"
-        return self.popen.pid
-
-    def start(self) -> ServiceProcess:
-        self._log_file = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
-            self.args,
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str, *, timeout: float, start: int = 0) -> re.Match[str]:
-        """Wait until the log (from character `start`) matches `pattern`."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log(), start)
-            if match:
-                return match
-            if not self.alive():
-                raise AssertionError(
-                    f"{self.name} exited ({self.popen and self.popen.returncode}) "
-                    f"before its log matched {pattern!r}"
-                )
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{self.name}: no {pattern!r} in its log after {timeout}s")
-            time.sleep(0.05)
-
-    def child_pids(self) -> list[int]:
-        """Direct children (e.g. prefork pool processes), read from /proc."""
-        children = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # Fields after the parenthesised command: state, ppid, ...
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == self.pid:
-                children.append(int(entry.name))
-        return sorted(children)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM (warm shutdown), then SIGKILL to the process group; returns the exit code."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                print(f"--- {self.name} ignored SIGTERM for {timeout}s: SIGKILL", flush=True)
-                self._kill_group()
-                self.popen.wait(10)
-        # Children left behind by a killed parent belong to the same group.
-        self._kill_group()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        return self.popen.returncode
-
-    def _kill_group(self) -> None:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-
-    def dump(self) -> None:
-        print(f"\n----- log of {self.name} ({self.log_path}) -----\n{self.log()}", flush=True)
 
 
 @contextmanager
@@ -213,16 +114,6 @@ def celery_beat(
     return running(proc, lambda p: p.wait_for_log(r"beat: Starting", timeout=ready_timeout))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_server_binary() -> str | None:
-    return shutil.which("redis-server")
-
-
 @contextmanager
 def private_redis(log_dir: Path, *, attempts: int = 5) -> Iterator[str]:
     """A throw-away redis-server on a free loopback port; yields its URL.
@@ -230,31 +121,8 @@ def private_redis(log_dir: Path, *, attempts: int = 5) -> Iterator[str]:
     Used as the Celery broker so that tests with short visibility timeouts never touch
     the messages (or kombu's global unacked index) of anyone sharing the main Redis.
     """
-    binary = redis_server_binary()
-    assert binary is not None, "redis-server is not installed"
-    last_log = ""
-    for _ in range(attempts):
-        port = free_port()
-        data = log_dir / f"redis-{port}"
-        data.mkdir(exist_ok=True)
-        args = [
-            binary, "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(data),
-        ]  # fmt: skip
-        proc = ServiceProcess(f"redis-server :{port}", args, os.environ, data / "redis.log")
-        proc.start()
-        try:
-            proc.wait_for_log(r"Ready to accept connections", timeout=10)
-        except AssertionError:
-            last_log = proc.log()
-            proc.stop()
-            continue  # most likely someone took the port in between: try another
-        try:
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.stop()
-        return
-    raise AssertionError(f"could not start a private redis-server:\n{last_log}")
+    with localproc.private_redis(log_dir, attempts=attempts) as server:
+        yield server.url
 
 
 def api_server(

@@ -132,11 +132,8 @@ class FaultyRedis(RedisServer):
     frozen: bool = field(default=False, init=False)
 
     def kill(self) -> None:
-        if self.process is not None:
-            self.thaw()
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-            self.process = None
+        self.thaw()
+        super().kill()
 
     def stop(self) -> None:
         self.thaw()  # a stopped process cannot act on SIGTERM

@@ -23,18 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 from sqlalchemy import Engine, select
 
-from renderwatch.migrate import upgrade
+from renderwatch import localproc
 from shared.apikeys import create_api_key, revoke_api_key
 from shared.cache import KeySpace
 from shared.db import build_engine, build_session_factory
 from shared.models import Job
 from shared.settings import Settings
 from tests import procs
+from tests.faults.conftest import Client
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres, pytest.mark.redis]
 
@@ -43,16 +43,6 @@ KEY_CACHE_SECONDS = 1.0
 REVOCATION_SLACK_SECONDS = 0.5
 MISSING_ID = 10**12
 PROBE_IDS = range(1, 51)
-
-
-@dataclass(frozen=True)
-class Client:
-    client_id: str
-    key: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
 
 
 @dataclass
@@ -107,61 +97,56 @@ def shape(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:
 def world(
     pg_admin_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
-    name = f"rw_foreign_{uuid.uuid4().hex[:10]}"
-    admin = pg_admin_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{pg_admin_url.rsplit('/', 1)[0]}/{name}"
-    namespace = f"t-{uuid.uuid4().hex[:12]}"
-    client = redis.Redis.from_url(redis_url)
-    engine = None
-    try:
-        upgrade(url)
-        settings = Settings(
-            _env_file=None,
-            database_url=url,
-            redis_url=redis_url,
-            cache_namespace=namespace,
-            celery_broker_url="memory://",  # jobs are enqueued nowhere: nothing renders
-            api_key_cache_seconds=KEY_CACHE_SECONDS,
-            log_level="INFO",
-        )
-        engine = build_engine(url, pool_size=2)
-        log_dir = tmp_path_factory.mktemp("foreign")
-        keys = KeySpace(namespace=settings.key_namespace, job_prefix=settings.job_cache_key_prefix)
-        with procs.api_server(procs.settings_env(settings), log_dir, workers=2) as api:
-            w = World(
-                api.base_url,
-                settings,
-                engine,
-                client,
-                keys,
-                log_dir,
-                a=new_client(engine, "alice"),
-                b=new_client(engine, "bob"),
+    with localproc.private_database(pg_admin_url, "rw_foreign") as url:
+        namespace = f"t-{uuid.uuid4().hex[:12]}"
+        client = redis.Redis.from_url(redis_url)
+        engine = None
+        try:
+            settings = Settings(
+                _env_file=None,
+                database_url=url,
+                redis_url=redis_url,
+                cache_namespace=namespace,
+                celery_broker_url="memory://",  # jobs are enqueued nowhere: nothing renders
+                api_key_cache_seconds=KEY_CACHE_SECONDS,
+                log_level="INFO",
             )
-            w.jobs_of = {w.a.client_id: [], w.b.client_id: []}
-            # Interleaved owners: A A B A A B ... so that ids of both sit side by side.
-            with w.http() as http:
-                for n in range(24):
-                    owner = w.b if n % 3 == 2 else w.a
-                    created = http.post(
-                        "/api/v2/jobs",
-                        json={"prompt": f"job {n}", "scenes_total": 3},
-                        headers=owner.headers,
-                    )
-                    assert created.status_code == 202, created.text
-                    w.jobs_of[owner.client_id].append(created.json()["job_id"])
-            yield w
-    finally:
-        if engine is not None:
-            engine.dispose()
-        stale = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        if stale:
-            client.delete(*stale)
-        client.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            engine = build_engine(url, pool_size=2)
+            log_dir = tmp_path_factory.mktemp("foreign")
+            keys = KeySpace(
+                namespace=settings.key_namespace, job_prefix=settings.job_cache_key_prefix
+            )
+            with procs.api_server(procs.settings_env(settings), log_dir, workers=2) as api:
+                w = World(
+                    api.base_url,
+                    settings,
+                    engine,
+                    client,
+                    keys,
+                    log_dir,
+                    a=new_client(engine, "alice"),
+                    b=new_client(engine, "bob"),
+                )
+                w.jobs_of = {w.a.client_id: [], w.b.client_id: []}
+                # Interleaved owners: A A B A A B ... so that ids of both sit side by side.
+                with w.http() as http:
+                    for n in range(24):
+                        owner = w.b if n % 3 == 2 else w.a
+                        created = http.post(
+                            "/api/v2/jobs",
+                            json={"prompt": f"job {n}", "scenes_total": 3},
+                            headers=owner.headers,
+                        )
+                        assert created.status_code == 202, created.text
+                        w.jobs_of[owner.client_id].append(created.json()["job_id"])
+                yield w
+        finally:
+            if engine is not None:
+                engine.dispose()
+            stale = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+            if stale:
+                client.delete(*stale)
+            client.close()
 
 
 def missing(world: World, http: httpx.Client, method: str = "GET", suffix: str = "") -> Any:

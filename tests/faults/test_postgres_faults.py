@@ -30,7 +30,7 @@ import psycopg
 import pytest
 import redis
 
-from renderwatch.migrate import upgrade
+from renderwatch import localproc
 from shared import jobs
 from shared.apikeys import create_api_key
 from shared.db import build_engine, build_session_factory
@@ -58,16 +58,8 @@ def _admin(url: str) -> str:
 @contextmanager
 def private_database(admin_url: str, prefix: str) -> Iterator[tuple[str, str]]:
     """A fresh migrated database; yields (SQLAlchemy URL, database name); dropped after."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_admin(admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = f"{admin_url.rsplit('/', 1)[0]}/{name}"
-        upgrade(url)
-        yield url, name
-    finally:
-        with psycopg.connect(_admin(admin_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with localproc.private_database(admin_url, prefix) as url:
+        yield url, url.rsplit("/", 1)[1]
 
 
 class Terminator:

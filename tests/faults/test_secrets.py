@@ -13,7 +13,6 @@ CACHE_SEAL_KEY secret set beside them.
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import httpx
 import psycopg
 import pytest
 
+from renderwatch.localproc import RedisServer, private_database
 from shared.settings import Settings
 from tests import procs
 from tests.conftest import require
@@ -85,39 +85,16 @@ class Transcript:
         )
 
 
-class PasswordRedis:
+class PasswordRedis(RedisServer):
     """A private redis-server with `requirepass`, restartable on the same port."""
 
     def __init__(self, workdir: Path, password: str) -> None:
-        self.workdir = workdir
+        super().__init__(workdir, extra_args=("--requirepass", password))
         self.password = password
-        self.port = procs.free_port()
-        self.proc: procs.ServiceProcess | None = None
-        self.starts = 0
 
     @property
     def url(self) -> str:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = procs.redis_server_binary()
-        assert binary is not None
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.starts += 1
-        args = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir), "--requirepass", self.password,
-        ]  # fmt: skip
-        self.proc = procs.ServiceProcess(
-            "redis-server (password)", args, os.environ, self.workdir / f"redis-{self.starts}.log"
-        )
-        self.proc.start()
-        self.proc.wait_for_log(r"Ready to accept connections", timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
 
 
 @pytest.fixture
@@ -127,7 +104,7 @@ def secrets_world(
     """(the passwords, DATABASE_URL of a password role owning a fresh DB, a password Redis)."""
     require("redis-server (binary)", procs.redis_server_binary() is not None)
     tag = uuid.uuid4().hex[:10]
-    role, database = f"rw_secret_{tag}", f"rw_secret_db_{tag}"
+    role = f"rw_secret_{tag}"
     found = Secrets(
         pg_password=f"pg-{secrets.token_urlsafe(18)}",
         redis_password=f"rd-{secrets.token_urlsafe(18)}",
@@ -135,20 +112,20 @@ def secrets_world(
     admin = pg_admin_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{found.pg_password}'")
-        conn.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
     redis_server = PasswordRedis(tmp_path / "redis", found.redis_password)
     try:
-        redis_server.start()
-        host = pg_admin_url.split("@", 1)[1].rsplit("/", 1)[0]
-        yield (
-            found,
-            f"postgresql+psycopg://{role}:{found.pg_password}@{host}/{database}",
-            redis_server,
-        )
+        with private_database(pg_admin_url, "rw_secret_db", migrate=False, owner=role) as url:
+            database = url.rsplit("/", 1)[1]
+            redis_server.start()
+            host = pg_admin_url.split("@", 1)[1].rsplit("/", 1)[0]
+            yield (
+                found,
+                f"postgresql+psycopg://{role}:{found.pg_password}@{host}/{database}",
+                redis_server,
+            )
     finally:
         redis_server.stop()
         with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 

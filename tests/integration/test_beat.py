@@ -7,47 +7,19 @@ a private broker redis-server and its own cache namespace on the shared Redis.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import select
 
-from renderwatch.migrate import upgrade
 from shared import jobs
 from shared.cache import get_cache_stats, get_job_with_cache
 from shared.models import CacheStatsSnapshot
 from shared.queue import SNAPSHOT_CACHE_STATS, create_celery
 from shared.runtime import Runtime
 from tests import procs
-from tests.conftest import require
 
 pytestmark = [pytest.mark.celery, pytest.mark.redis, pytest.mark.postgres]
-
-
-@pytest.fixture
-def private_pg_url(pg_admin_url: str) -> Iterator[str]:
-    """A fresh, migrated database for this test alone."""
-    name = f"rw_beat_{uuid.uuid4().hex[:10]}"
-    admin = pg_admin_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{pg_admin_url.rsplit('/', 1)[0]}/{name}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def broker_url(tmp_path: Path) -> Iterator[str]:
-    require("redis-server (binary)", procs.redis_server_binary() is not None)
-    with procs.private_redis(tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

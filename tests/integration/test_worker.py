@@ -27,7 +27,6 @@ from shared.queue import create_celery, enqueue_render
 from shared.runtime import Runtime
 from shared.schemas import JobView
 from tests import procs
-from tests.conftest import require
 from tests.renderers import (
     FAILURE_MESSAGE,
     RENDER_LOG_ENV,
@@ -145,13 +144,6 @@ def task_done(worker: Any, task_id: str, outcome: str = r"'\w+'") -> str:
         rf"{task_id}\] succeeded in [\d.]+s: ({outcome})", timeout=FINISH_TIMEOUT
     )
     return str(match.group(1)).strip("'")
-
-
-@pytest.fixture
-def broker_url(tmp_path: Path) -> Iterator[str]:
-    require("redis-server (binary)", procs.redis_server_binary() is not None)
-    with procs.private_redis(tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from renderwatch import cli, demo
-from renderwatch.client import ApiUnreachable, RenderwatchClient, metric_total
+from renderwatch.client import ApiUnreachable, ClientError, RenderwatchClient, metric_total
 from renderwatch.demo import DemoConfig, DemoError, RedisChoice, RunResult, Tally
 
 KEY = "rw_test-key-that-must-never-be-printed"
@@ -563,9 +563,17 @@ def test_choose_redis_starts_a_private_server_when_the_url_does_not_answer(tmp_p
     started = []
     proc = subprocess.Popen(["sleep", "30"])
 
+    class Server:  # what localproc.RedisServer offers the demo
+        url = "redis://127.0.0.1:40001/0"
+        process = proc
+
+        def stop(self):
+            proc.kill()
+            proc.wait()
+
     def start(binary, workdir):
         started.append((binary, workdir))
-        return "redis://127.0.0.1:40001/0", proc
+        return Server()
 
     try:
         choice = demo.choose_redis(
@@ -686,3 +694,21 @@ def test_an_explicit_broker_url_is_kept_for_both_runs(make_settings):
     assert d._stack_env("cache-off", "sqlite:///x", False, 1, 2)["CELERY_BROKER_URL"] == (
         "amqp://guest:guest@127.0.0.1:5672//"
     )
+
+
+def test_metric_total_reads_label_values_holding_braces_and_quotes():
+    text = "\n".join(
+        [
+            "# TYPE renderwatch_http_requests_total counter",
+            'renderwatch_http_requests_total{method="GET",route="/api/v2/jobs/{job_id}",'
+            'status="200"} 7.0',
+            'renderwatch_http_requests_total{method="GET",route="/a\\\\b\\"}",status="404"} 2.0',
+            'renderwatch_http_requests_total{method="POST",route="/api/v2/jobs",status="202"} 1.0',
+        ]
+    )
+    assert metric_total(text, "renderwatch_http_requests_total") == 10.0
+
+
+def test_metric_total_refuses_text_that_is_not_prometheus():
+    with pytest.raises(ClientError, match="not Prometheus text"):
+        metric_total('renderwatch_db_queries_total{route="unterminated} 1')

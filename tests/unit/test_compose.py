@@ -11,6 +11,7 @@ import http.server
 import importlib.util
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,8 @@ from shared.settings import REPO_ROOT, Settings
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 INFRA = ("redis", "postgres")
 ONE_SHOT = "migrate"
+# The secrets docker compose requires (`${VAR:?message}`); values for the tests only.
+SECRETS = {"POSTGRES_PASSWORD": "pw-from-env", "CACHE_SEAL_KEY": "seal-from-env"}
 
 
 # --------------------------------------------------------------------------- interpolation
@@ -212,12 +215,12 @@ def test_start_order_puts_dependencies_first_and_refuses_cycles(tmp_path: Path) 
 
 @pytest.fixture
 def compose() -> dict[str, Any]:
-    """The repo's docker-compose.yml with no variables set (every default applies)."""
-    return load_document(COMPOSE, {})
+    """The repo's docker-compose.yml with only the required secrets set (defaults apply)."""
+    return load_document(COMPOSE, SECRETS)
 
 
 def test_compose_declares_the_whole_stack(compose: dict[str, Any]) -> None:
-    services = load_services(COMPOSE, {})
+    services = load_services(COMPOSE, SECRETS)
     assert {*APP_SERVICES, *INFRA, ONE_SHOT} <= services.keys()
     for name in (*APP_SERVICES, ONE_SHOT):
         assert services[name].local, f"{name} must be built from our Dockerfile"
@@ -230,7 +233,7 @@ def test_compose_declares_the_whole_stack(compose: dict[str, Any]) -> None:
 
 
 def test_every_service_has_a_healthcheck_and_apps_use_renderwatch_healthcheck() -> None:
-    services = load_services(COMPOSE, {})
+    services = load_services(COMPOSE, SECRETS)
     for name in APP_SERVICES:
         assert services[name].healthcheck == ["CMD", "renderwatch", "healthcheck", name]
         assert name in health.SERVICES
@@ -241,7 +244,7 @@ def test_every_service_has_a_healthcheck_and_apps_use_renderwatch_healthcheck() 
 
 
 def test_depends_on_conditions_are_valid_and_satisfiable(compose: dict[str, Any]) -> None:
-    services = load_services(COMPOSE, {})
+    services = load_services(COMPOSE, SECRETS)
     for service in services.values():
         for dep, condition in service.depends_on.items():
             assert dep in services, f"{service.name} depends on unknown {dep}"
@@ -262,8 +265,8 @@ def test_depends_on_conditions_are_valid_and_satisfiable(compose: dict[str, Any]
 
 
 def test_app_services_get_the_environment_they_need() -> None:
-    services = load_services(COMPOSE, {})
-    for name in (*APP_SERVICES, ONE_SHOT):
+    services = load_services(COMPOSE, SECRETS)
+    for name in ("api", "worker", "beat", ONE_SHOT):
         env = services[name].environment
         assert env["DATABASE_URL"].startswith("postgresql+psycopg://renderwatch:")
         assert env["DATABASE_URL"].endswith("@postgres:5432/renderwatch")
@@ -283,14 +286,90 @@ def test_app_services_get_the_environment_they_need() -> None:
 
 
 def test_passwords_come_from_the_environment_never_from_the_file() -> None:
-    services = load_services(COMPOSE, {"POSTGRES_PASSWORD": "pw-from-env"})
+    services = load_services(COMPOSE, SECRETS)
     assert services["postgres"].environment["POSTGRES_PASSWORD"] == "pw-from-env"
-    for name in (*APP_SERVICES, ONE_SHOT):
+    for name in ("api", "worker", "beat", ONE_SHOT):
         assert ":pw-from-env@postgres:" in services[name].environment["DATABASE_URL"]
+        assert services[name].environment["CACHE_SEAL_KEY"] == "seal-from-env"
     raw = yaml.safe_load(COMPOSE.read_text())
     literal = raw["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    assert literal.startswith("${POSTGRES_PASSWORD")
-    assert "dev-only" in literal  # the fallback says plainly what it is for
+    assert literal.startswith("${POSTGRES_PASSWORD:?")  # required: no silent fallback
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_a_missing_secret_stops_compose_with_a_message_naming_it(missing: str) -> None:
+    env = {k: v for k, v in SECRETS.items() if k != missing}
+    with pytest.raises(ComposeError, match=f"{missing} is missing a value: set {missing}"):
+        load_services(COMPOSE, env)
+    with pytest.raises(ComposeError, match=missing):
+        load_services(COMPOSE, {**env, missing: ""})
+
+
+def test_no_secret_has_a_fallback_in_the_file() -> None:
+    text = COMPOSE.read_text()
+    for secret in (*SECRETS, "FLOWER_BASIC_AUTH"):
+        for match in re.finditer(r"\$\{" + secret + r"(:?[-?+])?", text):
+            assert match.group(1) in (":?", ":-"), f"{secret}: {match.group()}"
+            if match.group(1) == ":-":
+                # Only an empty default, which renderwatch.flower refuses to run open with.
+                assert text[match.end() : match.end() + 1] == "}", f"{secret} has a fallback"
+
+
+def test_flower_gets_no_database_password_and_passes_its_auth_through() -> None:
+    services = load_services(
+        COMPOSE, {**SECRETS, "FLOWER_BASIC_AUTH": "ops:s3cret", "FLOWER_UNAUTHENTICATED_API": ""}
+    )
+    flower = services["flower"].environment
+    assert "DATABASE_URL" not in flower and "CACHE_SEAL_KEY" not in flower
+    assert not any("pw-from-env" in value for value in flower.values())
+    assert flower["FLOWER_BASIC_AUTH"] == "ops:s3cret"
+    assert flower["FLOWER_UNAUTHENTICATED_API"] == ""
+    assert services["flower"].command[:3] == ["python", "-m", "renderwatch.flower"]
+
+
+def test_one_service_builds_the_image_and_the_others_use_it(compose: dict[str, Any]) -> None:
+    builders = [name for name, spec in compose["services"].items() if "build" in spec]
+    assert builders == [ONE_SHOT]
+    image = compose["services"][ONE_SHOT]["image"]
+    for name in APP_SERVICES:
+        spec = compose["services"][name]
+        assert spec["image"] == image and "build" not in spec
+        assert spec.get("pull_policy") == "never", f"{name} must not pull {image}"
+
+
+def test_healthchecks_start_fast(compose: dict[str, Any]) -> None:
+    for name, spec in compose["services"].items():
+        check = spec.get("healthcheck")
+        if check is None:
+            continue
+        assert "start_interval" in check, f"{name}: `up --wait` would sit out a full interval"
+        assert _seconds(check["start_interval"]) < _seconds(check["interval"])
+        assert "start_period" in check
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(ms|s|m)", value)
+    assert match, value
+    return int(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)]
+
+
+def test_the_api_aggregates_metrics_across_its_workers(compose: dict[str, Any]) -> None:
+    api = load_services(COMPOSE, SECRETS)["api"].environment
+    assert int(api["API_WORKERS"]) > 1
+    assert api["PROMETHEUS_MULTIPROC_DIR"].startswith("/tmp/")
+    for name in ("worker", "beat", "flower", ONE_SHOT):
+        env = load_services(COMPOSE, SECRETS)[name].environment
+        assert "PROMETHEUS_MULTIPROC_DIR" not in env  # no /metrics there
+
+
+def test_a_local_run_needs_no_container_secret(tmp_path: Path) -> None:
+    """The local runner takes settings from its caller: the file's `:?` guards don't apply."""
+    stack = Stack(list(APP_SERVICES), {"DATABASE_URL": "sqlite://"}, log_dir=tmp_path)
+    for name in stack.plan:
+        env = stack.services[name].environment
+        assert "DATABASE_URL" not in env and "CACHE_SEAL_KEY" not in env
+        assert "REDIS_URL" not in env  # the machine's Redis (settings), not host `redis`
+    assert stack.services["worker"].environment["WORKER_NAME"] == "worker"
 
 
 def test_named_volumes_are_declared_and_keep_the_data(compose: dict[str, Any]) -> None:
@@ -328,7 +407,7 @@ def test_commands_follow_the_settings_they_name() -> None:
         "FLOWER_ADDRESS": "127.0.0.1",
         "API_PORT": "8123",
     }
-    services = load_services(COMPOSE, env)
+    services = load_services(COMPOSE, {**SECRETS, **env})
     worker = services["worker"].command
     assert worker[:4] == ["celery", "-A", "worker.app", "worker"]
     assert "-E" in worker  # task events, so Flower sees every task
@@ -347,7 +426,7 @@ def test_commands_follow_the_settings_they_name() -> None:
     assert services["beat"].environment["BEAT_NAME"] == "b1"
 
     flower = services["flower"].command
-    assert flower[:4] == ["celery", "-A", "worker.app", "flower"]
+    assert flower[:3] == ["python", "-m", "renderwatch.flower"]
     assert "--port=5999" in flower and "--address=127.0.0.1" in flower
     assert services["flower"].environment["FLOWER_PORT"] == "5999"
 
@@ -355,13 +434,13 @@ def test_commands_follow_the_settings_they_name() -> None:
     assert services["api"].environment["API_PORT"] == "8123"
     assert services[ONE_SHOT].command == ["renderwatch", "migrate"]
 
-    defaults = load_services(COMPOSE, {})
+    defaults = load_services(COMPOSE, SECRETS)
     assert "--concurrency=2" in defaults["worker"].command
     assert defaults["worker"].command[defaults["worker"].command.index("-Q") + 1] == "renderwatch"
 
 
 def test_the_programs_and_modules_the_file_names_exist() -> None:
-    services = load_services(COMPOSE, {})
+    services = load_services(COMPOSE, SECRETS)
     for name in (*APP_SERVICES, ONE_SHOT):
         program = services[name].command[0]
         assert (venv_bin() / program).exists(), f"{name}: {program} is not in .venv/bin"
@@ -753,3 +832,157 @@ def test_main_exit_status_and_message(
     monkeypatch.setenv("API_PORT", str(closed_port()))
     assert health.main("api") == 1
     assert "unreachable" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- flower's guard
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [
+        ({}, True),
+        ({"FLOWER_BASIC_AUTH": ""}, True),
+        ({"FLOWER_UNAUTHENTICATED_API": ""}, True),
+        ({"FLOWER_UNAUTHENTICATED_API": "false"}, True),
+        ({"FLOWER_UNAUTHENTICATED_API": "0"}, True),
+        ({"FLOWER_UNAUTHENTICATED_API": "true"}, False),
+        ({"FLOWER_UNAUTHENTICATED_API": "1"}, False),
+        ({"FLOWER_BASIC_AUTH": "ops:s3cret"}, False),
+        ({"FLOWER_AUTH": ".*@example\\.com"}, False),
+    ],
+)
+def test_flower_refuses_to_run_open_unless_told_on_purpose(
+    env: dict[str, str], refused: bool
+) -> None:
+    from renderwatch import flower
+
+    assert (flower.refusal(env) is not None) is refused
+
+
+def test_flower_drops_empty_variables_that_flower_would_misread() -> None:
+    from renderwatch import flower
+
+    env = flower.flower_environment(
+        {"FLOWER_BASIC_AUTH": "", "FLOWER_PORT": "5555", "FLOWER_AUTH": " ", "PATH": ""}
+    )
+    assert env == {"FLOWER_PORT": "5555", "PATH": ""}
+
+
+def test_flower_without_auth_exits_with_the_reason_before_starting_anything() -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_UNAUTHENTICATED_API")
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "renderwatch.flower", "--port=1"],
+        env={**env, "FLOWER_BASIC_AUTH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 2
+    assert "refusing to start Flower without authentication" in done.stderr
+    assert "FLOWER_BASIC_AUTH=user:password" in done.stderr
+
+
+def test_renderwatch_up_opens_flower_only_on_loopback_and_only_when_nothing_was_chosen() -> None:
+    from renderwatch.compose import local_flower_access
+
+    assert local_flower_access({}, "127.0.0.1") == {"FLOWER_UNAUTHENTICATED_API": "true"}
+    assert local_flower_access({}, "0.0.0.0") == {}
+    assert local_flower_access({"FLOWER_BASIC_AUTH": "a:b"}, "127.0.0.1") == {}
+    assert local_flower_access({"FLOWER_UNAUTHENTICATED_API": "false"}, "127.0.0.1") == {}
+
+
+# --------------------------------------------------------------------------- the Dockerfile
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+
+
+def _stages() -> dict[str, list[str]]:
+    """Instructions of each stage (continuation lines joined), by stage name."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            name = line.split()[-1] if " AS " in line.upper() else str(len(stages))
+            current = stages.setdefault(name, [])
+        current.append(line)
+    return stages
+
+
+def test_the_dockerfile_builds_in_one_stage_and_runs_in_another() -> None:
+    stages = _stages()
+    assert list(stages) == ["builder", "runtime"]
+    builder, runtime = stages["builder"], stages["runtime"]
+    make_uv = re.search(r"^UV_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
+    assert make_uv is not None
+    assert f"COPY --from=ghcr.io/astral-sh/uv:{make_uv.group(1)} /uv /bin/uv" in builder
+    text = DOCKERFILE.read_text()
+    assert "pip install" not in text
+    syncs = [line for line in builder if "uv sync" in line]
+    assert len(syncs) == 2 and all("--locked" in s and "--no-dev" in s for s in syncs)
+    assert all("--mount=type=cache,target=/root/.cache/uv" in s for s in syncs)
+    # The dependency layer comes from the lock alone, before any source or the README.
+    first = builder.index(syncs[0])
+    assert "--no-install-project" in syncs[0]
+    assert not any(line.startswith("COPY") and "README" in line for line in builder[:first])
+    assert "--no-editable" in syncs[1]
+    # The runtime stage: the virtualenv from the builder, no uv, no sources, not root.
+    copies = [line for line in runtime if line.startswith("COPY")]
+    assert copies == ["COPY --from=builder /app/.venv /app/.venv"]
+    users = [line.split()[1] for line in runtime if line.startswith("USER")]
+    assert users and users[-1] not in ("root", "0")
+
+
+def _docker_context(files: list[str]) -> set[str]:
+    """The files a build context holds under .dockerignore (last matching rule wins)."""
+    import fnmatch
+
+    rules = []
+    for line in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            rules.append((line.startswith("!"), line.lstrip("!").rstrip("/")))
+    kept = set()
+    for path in files:
+        included = True
+        for negate, pattern in rules:
+            parts = path.split("/")
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            pattern = pattern.replace("**/", "*/") if pattern.startswith("**/") else pattern
+            if any(fnmatch.fnmatch(p, pattern) for p in prefixes) or fnmatch.fnmatch(path, pattern):
+                included = negate
+        if included:
+            kept.add(path)
+    return kept
+
+
+def test_the_build_context_holds_no_tests_benchmarks_ci_or_secrets() -> None:
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    context = _docker_context([*files, ".env", "var/renderwatch.db"])
+    for path in context:
+        assert not path.startswith(("tests/", "bench/", ".ci/", ".env", "var/", ".git")), path
+    for needed in ("pyproject.toml", "uv.lock", "README.md", "api/app.py", "worker/app.py"):
+        assert needed in context
+    assert any(p.startswith("renderwatch/migrations/") for p in context)
+
+
+def test_the_package_floors_allow_what_the_file_and_the_code_use() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"  # 3.12 and 3.13 users too
+    floors = {re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0]: dep for dep in project["dependencies"]}
+    beat = load_services(COMPOSE, SECRETS)["beat"].command
+    if "--enable-remote-control" in beat:  # beat's remote control came with Celery 5.7
+        assert floors["celery"] == "celery>=5.7"
+    assert floors["starlette"] == "starlette>=0.48"  # RFC 9110 status names in api/errors.py

@@ -135,3 +135,38 @@ def test_a_database_outage_on_the_fast_path_is_the_apps_503(api, monkeypatch):
     monkeypatch.setattr(reader, "get", down)
     response = client.get(f"/api/v2/jobs/{job}", headers=auth(alice))
     assert response.status_code == 503
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_get_with_a_large_content_length_is_413_warm_or_cold(api, warm):
+    """The body limit applies before the fast path: warm and cold polls answer alike."""
+    app, client, _, _, job = api
+    with app.state.services.runtime.sessions() as session:
+        key = create_api_key("alice@example.com", session=session)  # never used yet
+    if warm:
+        assert client.get(f"/api/v2/jobs/{job}", headers=auth(key)).status_code == 200
+    big = b"x" * (2 * 1024 * 1024)
+    response = client.request("GET", f"/api/v2/jobs/{job}", headers=auth(key), content=big)
+    assert response.status_code == 413
+    assert response.json()["detail"].startswith("request body too large")
+
+
+def test_the_fast_path_is_counted_and_timed_under_the_route_template(api):
+    app, client, alice, _, job = api
+    client.get(f"/api/v2/jobs/{job}", headers=auth(alice))  # warm the key (routed)
+    forbid_the_route(app)
+    for _ in range(3):
+        assert client.get(f"/api/v2/jobs/{job}", headers=auth(alice)).status_code == 200
+    app.dependency_overrides.clear()
+    text = client.get("/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    route = (("method", "GET"), ("route", "/api/v2/jobs/{job_id}"))
+    assert samples[("renderwatch_http_requests_total", (*route, ("status", "200")))] == 4
+    assert samples[("renderwatch_http_request_duration_seconds_count", route)] == 4
+    assert samples[("renderwatch_http_request_duration_seconds_sum", route)] > 0
