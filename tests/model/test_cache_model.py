@@ -168,6 +168,8 @@ class Reader:
     loads: int = 0
     result: ReadResult | None = None
     holds_lease: bool = False
+    lease_period: int = -1  # the lease period its lease belongs to
+    owners: set[str | None] = field(default_factory=set)  # owners while it ran
 
 
 @dataclass
@@ -180,6 +182,7 @@ class PendingWrite:
 class Period:
     """DB reads of one job since its lease was last freed (invariant 4)."""
 
+    number: int = 0
     loads: int = 0
     faults: int = 0
 
@@ -219,6 +222,7 @@ class CacheModel(RuleBasedStateMachine):
         self.acked_faults: dict[int, int] = {}  # job -> faults count at that ack
         self.seen: dict[tuple[int, str], int] = {}  # (job, inc) -> newest version stored
         self.lease_granted: dict[int, float] = {}  # job -> clock at grant
+        self.period_numbers = 0
         self.periods: dict[int, Period] = {j: Period() for j in JOBS}
         self.served = {"hits": 0, "misses": 0}
         self.db_loads = 0
@@ -251,7 +255,8 @@ class CacheModel(RuleBasedStateMachine):
         self.faults += 1
 
     def _free_lease_period(self, job_id: int) -> None:
-        self.periods[job_id] = Period(faults=self.faults)
+        self.period_numbers += 1
+        self.periods[job_id] = Period(number=self.period_numbers, faults=self.faults)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -276,6 +281,7 @@ class CacheModel(RuleBasedStateMachine):
             incarnation=self.incarnation,
             owner_at_start=owner.client_id if owner else None,
         )
+        reader.owners.add(reader.owner_at_start)
         self._advance(reader, None)
         self.readers.append(reader)
 
@@ -314,7 +320,7 @@ class CacheModel(RuleBasedStateMachine):
         if isinstance(effect, LoadJob):
             reader.loads += 1
             period = self.periods.get(effect.job_id)
-            if period is not None and reader.holds_lease:
+            if period is not None and reader.holds_lease and reader.lease_period == period.number:
                 period.loads += 1
             reply: object = self._load(effect.job_id)
         elif isinstance(effect, Sleep):
@@ -328,6 +334,8 @@ class CacheModel(RuleBasedStateMachine):
                 reader.holds_lease = isinstance(reply, Lease)
                 if reader.holds_lease:
                     self.lease_granted.setdefault(effect.job_id, self.clock.now)
+                    period = self.periods.get(effect.job_id)
+                    reader.lease_period = period.number if period is not None else -1
             if isinstance(effect, FillEntry):
                 self.lease_granted.pop(effect.job_id, None)
                 self._free_lease_period(effect.job_id)
@@ -346,7 +354,7 @@ class CacheModel(RuleBasedStateMachine):
         # 3. never another client's job: what we serve is the job of the asked id, owned
         # by its owner in the database (before or after a restore during the read).
         assert job.view.job_id == reader.job_id
-        owners = {reader.owner_at_start, self.db[reader.job_id].client_id}
+        owners = {*reader.owners, self.db[reader.job_id].client_id}
         assert job.view.client_id in owners, f"served {job.view.client_id}'s job to {owners}"
         # 1. fresh after write.
         if (
@@ -472,6 +480,9 @@ class CacheModel(RuleBasedStateMachine):
         self.acked.clear()
         self.acked_faults.clear()
         self.retired.extend(self.caches)
+        for reader in self.readers:
+            if reader.result is None and reader.job_id in self.db:
+                reader.owners.add(self.db[reader.job_id].client_id)
         self.caches = [self._cache(), self._cache()]
         for job_id in JOBS:
             self._free_lease_period(job_id)
