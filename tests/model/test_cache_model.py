@@ -395,6 +395,12 @@ class CacheModel(RuleBasedStateMachine):
             self.acked_faults[write.view.job_id] = self.faults
 
     @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    def write(self, job_id: int, cache: int) -> None:
+        """A whole write: commit, then its pre-warm, with nothing in between."""
+        self.commit(job_id, cache)
+        self.prewarm(len(self.writes) - 1)
+
+    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
     def invalidate(self, job_id: int, cache: int) -> None:
         self.caches[cache].invalidate_job(job_id)
         self._free_lease_period(job_id)
