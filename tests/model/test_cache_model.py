@@ -16,7 +16,7 @@ running the real Lua scripts; the database is a dict. Invariants after every ste
 5. with no fault injected, the statistics equal the model's counts exactly (checked
    also after errors, ambiguous timeouts and pauses: only a restart loses counts).
 
-Budget: `MODEL_EXAMPLES` (default 120, derandomized) in `make test`; `make fuzz` runs
+Budget: `MODEL_EXAMPLES` (default 200, derandomized) in `make test`; `make fuzz` runs
 a long randomized budget.
 """
 
@@ -37,6 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from shared.cache import CachePolicy, CircuitBreaker, JobCache, KeySpace
 from shared.cache.backend import CallFailed, RedisBackend
+from shared.cache.breaker import State
 from shared.cache.errors import ErrorClass
 from shared.cache.machine import (
     CachedJob,
@@ -57,11 +58,13 @@ from shared.schemas import JobStatus, JobView, ProgressInfo, Stage
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
-EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "200"))
 STEPS = int(os.environ.get("MODEL_STEPS", "40"))
 DERANDOMIZE = os.environ.get("MODEL_RANDOM", "") == ""
 
 JOBS = (1, 2)
+# Rules pick job 1 more often: short sequences that meet on one job are what break things.
+JOB = st.sampled_from((1, 1, 1, 2))
 CLIENTS = ("alice", "bob")
 LEASE_MS = 60_000  # leases lapse only when the model says so (rule `expire_leases`)
 LEASE_S = LEASE_MS / 1000
@@ -260,10 +263,10 @@ class CacheModel(RuleBasedStateMachine):
 
     # -- reads ------------------------------------------------------------------------------
 
-    @precondition(lambda self: sum(r.result is None for r in self.readers) < 4)
+    @precondition(lambda self: sum(r.result is None for r in self.readers) < 3)
     @rule(
         cache=st.integers(0, 1),
-        job_id=st.sampled_from((*JOBS, 9)),
+        job_id=st.sampled_from((1, 1, 1, 2, 9)),
         client=st.sampled_from(CLIENTS),
     )
     def start_read(self, cache: int, job_id: int, client: str) -> None:
@@ -287,7 +290,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @rule(
         cache=st.integers(0, 1),
-        job_id=st.sampled_from((*JOBS, 9)),
+        job_id=st.sampled_from((1, 1, 1, 2, 9)),
         client=st.sampled_from(CLIENTS),
     )
     def quick_read(self, cache: int, job_id: int, client: str) -> None:
@@ -369,7 +372,7 @@ class CacheModel(RuleBasedStateMachine):
 
     # -- writes -----------------------------------------------------------------------------
 
-    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    @rule(job_id=JOB, cache=st.integers(0, 1))
     def commit(self, job_id: int, cache: int) -> None:
         """A write commits in the database; its pre-warm is a later step."""
         current = self.db[job_id]
@@ -394,13 +397,13 @@ class CacheModel(RuleBasedStateMachine):
             self.acked[write.view.job_id] = write.view.version
             self.acked_faults[write.view.job_id] = self.faults
 
-    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    @rule(job_id=JOB, cache=st.integers(0, 1))
     def write(self, job_id: int, cache: int) -> None:
         """A whole write: commit, then its pre-warm, with nothing in between."""
         self.commit(job_id, cache)
         self.prewarm(len(self.writes) - 1)
 
-    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    @rule(job_id=JOB, cache=st.integers(0, 1))
     def invalidate(self, job_id: int, cache: int) -> None:
         self.caches[cache].invalidate_job(job_id)
         self._free_lease_period(job_id)
@@ -425,12 +428,12 @@ class CacheModel(RuleBasedStateMachine):
         self._tick(seconds)
 
     @precondition(lambda self: "time" in self.groups)
-    @rule(job_id=st.sampled_from(JOBS))
+    @rule(job_id=JOB)
     def expire_lease(self, job_id: int) -> None:
         """A lease holder died: its lease lapses."""
         self._expire_lease(job_id)
 
-    @rule(job_id=st.sampled_from(JOBS))
+    @rule(job_id=JOB)
     def evict(self, job_id: int) -> None:
         """maxmemory eviction of the entry alone."""
         self.client.delete(self.keys.job(job_id))
@@ -496,7 +499,7 @@ class CacheModel(RuleBasedStateMachine):
     # -- planted values ---------------------------------------------------------------------
 
     @precondition(lambda self: "plants" in self.groups)
-    @rule(job_id=st.sampled_from(JOBS), what=st.sampled_from(("garbage", "wrongtype", "forged")))
+    @rule(job_id=JOB, what=st.sampled_from(("garbage", "wrongtype", "forged")))
     def plant(self, job_id: int, what: str) -> None:
         key = self.keys.job(job_id)
         if what == "garbage":
@@ -525,8 +528,11 @@ class CacheModel(RuleBasedStateMachine):
         restart without persistence loses counts (and says so: `since`)."""
         if any(b.paused or b.armed for b in self.backends):
             return
+        caches = [*self.caches, *self.retired]
+        if any(c.breaker.state is State.HALF_OPEN for c in caches):
+            return  # a live read holds the one probe permit: nobody may call Redis yet
         self._tick(1.5)  # past the breaker's reset: a flush runs the probe first
-        for cache in [*self.caches, *self.retired]:
+        for cache in caches:
             assert any(cache.flush() for _ in range(3)), "a flush did not land"
         stats = self.caches[0].stats()["statistics"]
         assert isinstance(stats, dict)
