@@ -520,6 +520,19 @@ class CacheModel(RuleBasedStateMachine):
         """The periodic flusher of one process runs now."""
         self.caches[cache].flush()
 
+    @precondition(lambda self: "faults" in self.groups)
+    @rule(cache=st.integers(0, 1))
+    def flush_times_out(self, cache: int) -> None:
+        """A flush lands in Redis but its answer times out (the batch is sent again)."""
+        target = self.caches[cache]
+        if not target._pending.due() or not target.breaker.available:
+            return
+        self._fault()
+        self.backends[-2 + cache].armed.insert(0, ("unavailable", True))
+        self.caches[cache].flush()
+        if self.restarts == 0:
+            self.statistics_are_exact()  # the batch is re-sent: it must land once
+
     @precondition(lambda self: self.restarts == 0)
     @rule()
     def statistics_are_exact(self) -> None:
