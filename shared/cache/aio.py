@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from functools import partial
 from typing import Any
 
 from anyio import to_thread
@@ -94,7 +95,7 @@ class AsyncJobReader:
         except StopIteration as stop:
             result = stop.value
         if cache.flush_due():
-            self._spawn(to_thread.run_sync(cache.flush))
+            self._spawn(to_thread.run_sync(partial(cache.flush, wait=False)))
         assert isinstance(result, ReadResult)
         return result
 

@@ -300,7 +300,7 @@ class JobCache:
             self.breaker.failure(exc, ticket)
             return False
         self.breaker.success(ticket)
-        self.flush()  # the counts made while Redis was away
+        self.flush(wait=False)  # the counts made while Redis was away
         return True
 
     def _repair(self, backend: Backend) -> None:
@@ -489,14 +489,21 @@ class JobCache:
     def _maybe_flush(self) -> None:
         """Piggybacked flush: at most once per `stats_flush_seconds`, after a Redis call."""
         if self.flush_due():
-            self.flush()
+            self.flush(wait=False)
 
-    def flush(self) -> bool:
-        """Write this process's counts now, in idempotent batches. True when all landed."""
+    def flush(self, *, wait: bool = True) -> bool:
+        """Write this process's counts now, in idempotent batches. True when all landed.
+
+        `wait=False` (periodic and piggybacked flushes) skips when another thread is
+        flushing; an explicit flush waits for it, so what it reports afterwards is exact.
+        """
         backend = self.backend
         if backend is None or not self._pending.due():
             return True
-        if not self._flush_lock.acquire(blocking=False):
+        acquired = (
+            self._flush_lock.acquire(timeout=5.0) if wait else self._flush_lock.acquire(False)
+        )
+        if not acquired:
             return False  # another thread is flushing these very counts
         try:
             self._last_flush = self._clock()
@@ -552,7 +559,7 @@ class JobCache:
                 if cache is None:
                     return
                 try:
-                    cache.flush()
+                    cache.flush(wait=False)
                 except Exception:  # noqa: BLE001 -- the next round retries
                     logger.debug("periodic statistics flush failed; retrying")
                 del cache

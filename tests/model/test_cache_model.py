@@ -16,7 +16,7 @@ running the real Lua scripts; the database is a dict. Invariants after every ste
 5. with no fault injected, the statistics equal the model's counts exactly (checked
    also after errors, ambiguous timeouts and pauses: only a restart loses counts).
 
-Budget: `MODEL_EXAMPLES` (default 120, derandomized) in `make test`; `make fuzz` runs
+Budget: `MODEL_EXAMPLES` (default 200, derandomized) in `make test`; `make fuzz` runs
 a long randomized budget.
 """
 
@@ -37,6 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from shared.cache import CachePolicy, CircuitBreaker, JobCache, KeySpace
 from shared.cache.backend import CallFailed, RedisBackend
+from shared.cache.breaker import State
 from shared.cache.errors import ErrorClass
 from shared.cache.machine import (
     CachedJob,
@@ -57,11 +58,13 @@ from shared.schemas import JobStatus, JobView, ProgressInfo, Stage
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
-EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "200"))
 STEPS = int(os.environ.get("MODEL_STEPS", "40"))
 DERANDOMIZE = os.environ.get("MODEL_RANDOM", "") == ""
 
 JOBS = (1, 2)
+# Rules pick job 1 more often: short sequences that meet on one job are what break things.
+JOB = st.sampled_from((1, 1, 1, 2))
 CLIENTS = ("alice", "bob")
 LEASE_MS = 60_000  # leases lapse only when the model says so (rule `expire_leases`)
 LEASE_S = LEASE_MS / 1000
@@ -168,6 +171,8 @@ class Reader:
     loads: int = 0
     result: ReadResult | None = None
     holds_lease: bool = False
+    lease_period: int = -1  # the lease period its lease belongs to
+    owners: set[str | None] = field(default_factory=set)  # owners while it ran
 
 
 @dataclass
@@ -180,6 +185,7 @@ class PendingWrite:
 class Period:
     """DB reads of one job since its lease was last freed (invariant 4)."""
 
+    number: int = 0
     loads: int = 0
     faults: int = 0
 
@@ -219,6 +225,7 @@ class CacheModel(RuleBasedStateMachine):
         self.acked_faults: dict[int, int] = {}  # job -> faults count at that ack
         self.seen: dict[tuple[int, str], int] = {}  # (job, inc) -> newest version stored
         self.lease_granted: dict[int, float] = {}  # job -> clock at grant
+        self.period_numbers = 0
         self.periods: dict[int, Period] = {j: Period() for j in JOBS}
         self.served = {"hits": 0, "misses": 0}
         self.db_loads = 0
@@ -251,14 +258,15 @@ class CacheModel(RuleBasedStateMachine):
         self.faults += 1
 
     def _free_lease_period(self, job_id: int) -> None:
-        self.periods[job_id] = Period(faults=self.faults)
+        self.period_numbers += 1
+        self.periods[job_id] = Period(number=self.period_numbers, faults=self.faults)
 
     # -- reads ------------------------------------------------------------------------------
 
-    @precondition(lambda self: sum(r.result is None for r in self.readers) < 4)
+    @precondition(lambda self: sum(r.result is None for r in self.readers) < 3)
     @rule(
         cache=st.integers(0, 1),
-        job_id=st.sampled_from((*JOBS, 9)),
+        job_id=st.sampled_from((1, 1, 1, 2, 9)),
         client=st.sampled_from(CLIENTS),
     )
     def start_read(self, cache: int, job_id: int, client: str) -> None:
@@ -276,12 +284,13 @@ class CacheModel(RuleBasedStateMachine):
             incarnation=self.incarnation,
             owner_at_start=owner.client_id if owner else None,
         )
+        reader.owners.add(reader.owner_at_start)
         self._advance(reader, None)
         self.readers.append(reader)
 
     @rule(
         cache=st.integers(0, 1),
-        job_id=st.sampled_from((*JOBS, 9)),
+        job_id=st.sampled_from((1, 1, 1, 2, 9)),
         client=st.sampled_from(CLIENTS),
     )
     def quick_read(self, cache: int, job_id: int, client: str) -> None:
@@ -314,7 +323,7 @@ class CacheModel(RuleBasedStateMachine):
         if isinstance(effect, LoadJob):
             reader.loads += 1
             period = self.periods.get(effect.job_id)
-            if period is not None and reader.holds_lease:
+            if period is not None and reader.holds_lease and reader.lease_period == period.number:
                 period.loads += 1
             reply: object = self._load(effect.job_id)
         elif isinstance(effect, Sleep):
@@ -328,6 +337,8 @@ class CacheModel(RuleBasedStateMachine):
                 reader.holds_lease = isinstance(reply, Lease)
                 if reader.holds_lease:
                     self.lease_granted.setdefault(effect.job_id, self.clock.now)
+                    period = self.periods.get(effect.job_id)
+                    reader.lease_period = period.number if period is not None else -1
             if isinstance(effect, FillEntry):
                 self.lease_granted.pop(effect.job_id, None)
                 self._free_lease_period(effect.job_id)
@@ -346,7 +357,7 @@ class CacheModel(RuleBasedStateMachine):
         # 3. never another client's job: what we serve is the job of the asked id, owned
         # by its owner in the database (before or after a restore during the read).
         assert job.view.job_id == reader.job_id
-        owners = {reader.owner_at_start, self.db[reader.job_id].client_id}
+        owners = {*reader.owners, self.db[reader.job_id].client_id}
         assert job.view.client_id in owners, f"served {job.view.client_id}'s job to {owners}"
         # 1. fresh after write.
         if (
@@ -361,7 +372,7 @@ class CacheModel(RuleBasedStateMachine):
 
     # -- writes -----------------------------------------------------------------------------
 
-    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    @rule(job_id=JOB, cache=st.integers(0, 1))
     def commit(self, job_id: int, cache: int) -> None:
         """A write commits in the database; its pre-warm is a later step."""
         current = self.db[job_id]
@@ -386,7 +397,13 @@ class CacheModel(RuleBasedStateMachine):
             self.acked[write.view.job_id] = write.view.version
             self.acked_faults[write.view.job_id] = self.faults
 
-    @rule(job_id=st.sampled_from(JOBS), cache=st.integers(0, 1))
+    @rule(job_id=JOB, cache=st.integers(0, 1))
+    def write(self, job_id: int, cache: int) -> None:
+        """A whole write: commit, then its pre-warm, with nothing in between."""
+        self.commit(job_id, cache)
+        self.prewarm(len(self.writes) - 1)
+
+    @rule(job_id=JOB, cache=st.integers(0, 1))
     def invalidate(self, job_id: int, cache: int) -> None:
         self.caches[cache].invalidate_job(job_id)
         self._free_lease_period(job_id)
@@ -411,12 +428,12 @@ class CacheModel(RuleBasedStateMachine):
         self._tick(seconds)
 
     @precondition(lambda self: "time" in self.groups)
-    @rule(job_id=st.sampled_from(JOBS))
+    @rule(job_id=JOB)
     def expire_lease(self, job_id: int) -> None:
         """A lease holder died: its lease lapses."""
         self._expire_lease(job_id)
 
-    @rule(job_id=st.sampled_from(JOBS))
+    @rule(job_id=JOB)
     def evict(self, job_id: int) -> None:
         """maxmemory eviction of the entry alone."""
         self.client.delete(self.keys.job(job_id))
@@ -472,6 +489,9 @@ class CacheModel(RuleBasedStateMachine):
         self.acked.clear()
         self.acked_faults.clear()
         self.retired.extend(self.caches)
+        for reader in self.readers:
+            if reader.result is None and reader.job_id in self.db:
+                reader.owners.add(self.db[reader.job_id].client_id)
         self.caches = [self._cache(), self._cache()]
         for job_id in JOBS:
             self._free_lease_period(job_id)
@@ -479,7 +499,7 @@ class CacheModel(RuleBasedStateMachine):
     # -- planted values ---------------------------------------------------------------------
 
     @precondition(lambda self: "plants" in self.groups)
-    @rule(job_id=st.sampled_from(JOBS), what=st.sampled_from(("garbage", "wrongtype", "forged")))
+    @rule(job_id=JOB, what=st.sampled_from(("garbage", "wrongtype", "forged")))
     def plant(self, job_id: int, what: str) -> None:
         key = self.keys.job(job_id)
         if what == "garbage":
@@ -500,6 +520,19 @@ class CacheModel(RuleBasedStateMachine):
         """The periodic flusher of one process runs now."""
         self.caches[cache].flush()
 
+    @precondition(lambda self: "faults" in self.groups)
+    @rule(cache=st.integers(0, 1))
+    def flush_times_out(self, cache: int) -> None:
+        """A flush lands in Redis but its answer times out (the batch is sent again)."""
+        target = self.caches[cache]
+        if not target._pending.due() or not target.breaker.available:
+            return
+        self._fault()
+        self.backends[-2 + cache].armed.insert(0, ("unavailable", True))
+        self.caches[cache].flush()
+        if self.restarts == 0:
+            self.statistics_are_exact()  # the batch is re-sent: it must land once
+
     @precondition(lambda self: self.restarts == 0)
     @rule()
     def statistics_are_exact(self) -> None:
@@ -508,8 +541,11 @@ class CacheModel(RuleBasedStateMachine):
         restart without persistence loses counts (and says so: `since`)."""
         if any(b.paused or b.armed for b in self.backends):
             return
+        caches = [*self.caches, *self.retired]
+        if any(c.breaker.state is State.HALF_OPEN for c in caches):
+            return  # a live read holds the one probe permit: nobody may call Redis yet
         self._tick(1.5)  # past the breaker's reset: a flush runs the probe first
-        for cache in [*self.caches, *self.retired]:
+        for cache in caches:
             assert any(cache.flush() for _ in range(3)), "a flush did not land"
         stats = self.caches[0].stats()["statistics"]
         assert isinstance(stats, dict)
