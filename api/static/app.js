@@ -20,6 +20,7 @@ const state = {
   followers: new Map(),  // job_id -> Follower
   timelines: new Map(),  // job_id -> [{stage, at}]
   detailId: null,
+  pollSeconds: 2,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -30,6 +31,9 @@ function headers(extra = {}) {
 
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  // The server's pace for polling clients (on the 202 and on jobs still moving).
+  const hint = parseFloat(response.headers.get("X-Poll-Interval") || "");
+  if (hint > 0) state.pollSeconds = hint;
   if (response.status === 401) {
     showLogin("That key was refused (401).");
     throw new Error("unauthorized");
@@ -76,7 +80,6 @@ class Follower {
     this.stopped = false;
     this.controller = null;
     this.timer = null;
-    this.pollSeconds = 2;
   }
 
   start() {
@@ -151,8 +154,7 @@ class Follower {
           this.stop();
           return;
         }
-        const hint = parseFloat(response.headers.get("X-Poll-Interval") || "");
-        if (hint > 0) this.pollSeconds = hint;
+        this.setMode("polling", reason); // shows the pace the server asked for
         if (response.ok) {
           const job = await response.json();
           update(job);
@@ -165,7 +167,7 @@ class Follower {
         // Network down: keep trying at the same pace; the badge says we are polling.
       }
       if (this.mode === "polling" && !this.stopped) {
-        this.pollTimer = setTimeout(tick, this.pollSeconds * 1000);
+        this.pollTimer = setTimeout(tick, state.pollSeconds * 1000);
       }
     };
     tick();
@@ -184,7 +186,7 @@ class Follower {
     const row = document.querySelector(`tr[data-job="${this.jobId}"] .updates`);
     if (row) {
       row.textContent =
-        mode === "polling" ? `polling every ${this.pollSeconds}s (${reason})` : mode;
+        mode === "polling" ? `polling every ${state.pollSeconds}s (${reason})` : mode;
       row.dataset.mode = mode;
     }
     renderTransport();
