@@ -106,7 +106,7 @@ def test_submit_watch_survive_redis_loss_and_not_found(
             procs.celery_worker(env, tmp_path, queue=queue),
             procs.celery_beat(env, tmp_path),
         ):
-            page = browser.new_page()  # type: ignore[attr-defined]
+            page = browser.new_page()
             page.goto(api.base_url + "/")
             page.fill("#key", key)
             page.click("#key-form button[type=submit]")
