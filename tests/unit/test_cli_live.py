@@ -4,6 +4,7 @@ commands (list, status, cancel, --json, --version), through `httpx.MockTransport
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -15,14 +16,14 @@ from tests.unit.test_cli import ENV, KEY, job_body
 RUNNING = dict(status="running", stage="rendering")
 
 
-def sse(*bodies: dict) -> bytes:
+def sse(*bodies: dict[str, Any]) -> bytes:
     return b"".join(
         b": ping\r\n\r\nid: %d\r\ndata: %s\r\n\r\n" % (b["version"], json.dumps(b).encode())
         for b in bodies
     )
 
 
-def versions(count: int, *, final: str = "succeeded") -> list[dict]:
+def versions(count: int, *, final: str = "succeeded") -> list[dict[str, Any]]:
     out = [job_body(version=1)]
     for v in range(2, count):
         out.append(job_body(version=v, scenes=1, pct=36.67, **RUNNING, progress_eta=True))
