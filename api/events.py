@@ -23,10 +23,11 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import ClientId, ReaderDep, current_client
 from api.errors import job_not_found
@@ -112,8 +113,23 @@ class JobEventStream(EventSourceResponse):
         self._released = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = completed = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started, completed
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, tracked)
+            if started and not completed:
+                # Ended by the server shutting down: close the body properly, so the
+                # server does not report an incomplete response as an error.
+                with anyio.move_on_after(1), contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         except SendTimeoutError:
             # Expected, not an error of the app: the connection is dropped, the
             # client may reconnect with Last-Event-ID.
