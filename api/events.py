@@ -184,8 +184,12 @@ async def stream_events(
             try:
                 await asyncio.wait_for(slot.wake.wait(), fallback_seconds)
             except TimeoutError:
+                # A subscription confirmed late: push from now on. Asked before the read,
+                # so the read covers whatever was published before the confirmation.
+                confirmed = hub.subscribed(follower.job_id)
                 if not await _catch_up(follower, reader):
                     return
+                pushed = confirmed
     finally:
         hub.unfollow(follower)
 

@@ -159,7 +159,14 @@ class Hub:
         followers = self._followers.get(channel)
         if followers is not None:
             followers.add(follower)
-            return self.live and channel not in self._confirming
+            waiters = self._confirming.get(channel)
+            if waiters:
+                # Another stream's SUBSCRIBE is on its way: live once it is confirmed.
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiters[-1]), self._confirm_seconds)
+                except Exception:  # noqa: BLE001 - not confirmed: the stream polls
+                    return False
+            return self.subscribed(follower.job_id)
         self._followers[channel] = {follower}
         # Also while the hub is (re)connecting: its snapshot of channels may miss this one.
         return await self._subscribe(channel)
@@ -179,6 +186,11 @@ class Hub:
             # reconnect subscribes exactly the channels still followed.
             task = asyncio.create_task(self._unsubscribe(pubsub, channel))
             task.add_done_callback(_swallow)
+
+    def subscribed(self, job_id: int) -> bool:
+        """True while updates of `job_id` are pushed (subscription confirmed, hub live)."""
+        channel = self._keys.channel(job_id)
+        return self.live and channel in self._followers and channel not in self._confirming
 
     async def _subscribe(self, channel: str) -> bool:
         pubsub = self._pubsub
