@@ -300,6 +300,7 @@ def main(spec_path: str, out_path: str) -> None:
 def only(quick: bool) -> dict[str, Any]:
     """`python -m bench.sse --only [--quick]`: this section alone, on its own services
     (for working on it; `make bench` runs it with the others)."""
+    import shutil
     import tempfile
 
     from bench.config import FULL, QUICK
@@ -318,6 +319,7 @@ def only(quick: bool) -> dict[str, Any]:
             return run(stack, cfg)
         finally:
             stack.close()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
