@@ -81,7 +81,6 @@ async def job_events(
     if job is None:
         raise job_not_found()
     if not hub.reserve():
-        logger.warning("refused a stream: %d streams open (SSE_MAX_STREAMS)", hub.open_streams)
         raise HTTPException(
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
             detail="too many open event streams on this server: retry later or poll",

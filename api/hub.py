@@ -121,6 +121,7 @@ class Hub:
         self.generation = 0
         self.open_streams = 0
         self.lost = 0
+        self._refusing = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -141,7 +142,18 @@ class Hub:
     def reserve(self) -> bool:
         """Count one more open stream, or False at the cap (`SSE_MAX_STREAMS`)."""
         if self.open_streams >= self.max_streams:
+            if not self._refusing:
+                # Once per episode, not once per refused request.
+                logger.warning(
+                    "refusing new event streams: %d are open (SSE_MAX_STREAMS); clients are "
+                    "answered 503 with Retry-After until some close",
+                    self.open_streams,
+                )
+                self._refusing = True
             return False
+        if self._refusing:
+            logger.warning("accepting event streams again (%d open)", self.open_streams)
+            self._refusing = False
         self.open_streams += 1
         return True
 

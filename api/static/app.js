@@ -91,12 +91,15 @@ class Follower {
     this.stopped = true;
     if (this.controller) this.controller.abort();
     clearTimeout(this.timer);
+    clearTimeout(this.pollTimer);
     state.followers.delete(this.jobId);
     renderTransport();
   }
 
   async stream() {
     if (this.stopped) return;
+    clearTimeout(this.timer);
+    clearTimeout(this.pollTimer);
     this.setMode("connecting");
     this.controller = new AbortController();
     const extra = { Accept: "text/event-stream" };
@@ -133,12 +136,9 @@ class Follower {
       this.stop();
       return;
     }
-    // The stream broke (network, API restart, 503): poll meanwhile, retry it later.
+    // The stream broke (network, API restart, 503): poll meanwhile; poll() retries
+    // the stream (with Last-Event-ID) after STREAM_RETRY_MS.
     this.poll("stream unavailable");
-    this.timer = setTimeout(() => {
-      clearTimeout(this.timer);
-      if (!this.stopped && streamingCount() < MAX_STREAMS) this.stream();
-    }, STREAM_RETRY_MS);
   }
 
   async poll(reason) {
