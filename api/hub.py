@@ -34,7 +34,8 @@ from shared.schemas import JobView
 logger = logging.getLogger(__name__)
 
 CONFIRM_SECONDS = 2.0
-PING_SECONDS = 5.0
+# A paused or unreachable Redis is noticed within about 2 x PING + CONFIRM seconds.
+PING_SECONDS = 2.0
 RECONNECT_MIN_SECONDS = 0.2
 RECONNECT_MAX_SECONDS = 5.0
 
@@ -193,7 +194,7 @@ class Hub:
             return
         del self._followers[channel]
         pubsub = self._pubsub
-        if self.live and pubsub is not None:
+        if pubsub is not None:
             # Fire and forget: a lost UNSUBSCRIBE only costs messages nobody reads, and a
             # reconnect subscribes exactly the channels still followed.
             task = asyncio.create_task(self._unsubscribe(pubsub, channel))
@@ -246,6 +247,8 @@ class Hub:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is "connection lost"
                 if self.live:
+                    # It had worked: the next attempts start from the shortest delay.
+                    delay = RECONNECT_MIN_SECONDS
                     self.lost += 1
                     logger.warning(
                         "live updates: subscription connection lost (%s); streams poll "
@@ -261,11 +264,9 @@ class Hub:
                             waiter.set_exception(ConnectionError("subscription lost"))
                 self._confirming.clear()
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(_close(pubsub, client))
+                    await asyncio.wait_for(asyncio.shield(_close(pubsub, client)), 2.0)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
-            if self.generation and delay > RECONNECT_MIN_SECONDS:
-                logger.debug("live updates: reconnecting")
 
     async def _serve(self, pubsub: Any) -> None:
         # A first PING proves the server answers before anything is called live.

@@ -180,3 +180,66 @@ def test_watch_follows_a_real_job_across_an_api_restart(
     assert objects[-1]["status"] == "succeeded"
     rendered = [o["progress"]["eta_seconds"] for o in objects if o["progress"]["scenes_completed"]]
     assert any(eta is not None and eta > 0 for eta in rendered), "no ETA while rendering"
+
+
+def test_a_stream_keeps_going_while_its_redis_is_paused_then_pushes_again(
+    pg_url: str, tmp_path: Path
+) -> None:
+    import signal
+
+    binary = procs.redis_server_binary()
+    if binary is None:
+        pytest.skip("SKIPPED LOUDLY: redis-server is not installed")
+    port = procs.free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]  # fmt: skip
+    redis_proc = procs.ServiceProcess("redis (paused later)", args, os.environ,
+                                      tmp_path / "redis.log").start()  # fmt: skip
+    try:
+        redis_proc.wait_for_log(r"Ready to accept connections", timeout=10)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        settings = settings_for(
+            pg_url, redis_url, "", events_fallback_poll_seconds=0.5, breaker_reset_seconds=0.5
+        )
+        runtime = Runtime.start(settings)
+        try:
+            with runtime.sessions() as session:
+                key = create_api_key("paused@example.com", session=session)
+                view = jobs.create_job(
+                    session=session, client_id="paused@example.com", prompt="p", scenes_total=9
+                )
+            runtime.cache.publish(view)
+            with procs.api_server(procs.settings_env(settings), tmp_path) as api:
+                reader = Reader(f"{api.base_url}/api/v2/jobs/{view.job_id}/events", key)
+                reader.start()
+                procs.wait_until(lambda: reader.versions == [1], timeout=20, what="first event")
+                assert runtime.cache.update_progress(view.job_id, {"current_stage": "scripting"})
+                procs.wait_until(lambda: reader.versions[-1] == 2, timeout=10, what="push")
+                os.kill(redis_proc.pid, signal.SIGSTOP)
+                try:
+                    # The write lands in the DB (its pre-warm and publish time out).
+                    assert runtime.cache.update_progress(
+                        view.job_id, {"current_stage": "storyboard"}
+                    )
+                    procs.wait_until(
+                        lambda: reader.versions[-1] == 3, timeout=30, what="v3 while paused"
+                    )
+                finally:
+                    os.kill(redis_proc.pid, signal.SIGCONT)
+                for scene in range(1, 10):
+                    runtime.cache.update_progress(
+                        view.job_id, {"current_stage": "rendering", "scenes_completed": scene}
+                    )
+                    time.sleep(0.1)
+                runtime.cache.update_progress(
+                    view.job_id,
+                    {"current_stage": "done", "status": "succeeded", "result_url": "https://r/1"},
+                )
+                assert reader.ended.wait(30), reader.versions
+                assert reader.versions == sorted(set(reader.versions)), reader.versions
+                assert reader.versions[-1] == 13
+                assert "subscription connection is back" in api.log()
+        finally:
+            runtime.close()
+    finally:
+        redis_proc.stop()
