@@ -10,10 +10,16 @@ job's channel out to the slots of the streams following that job (broadcaster's 
 keeping only the latest state). It subscribes per job, with reference counts, rather
 than pattern-subscribing: with a pattern every process would receive (and parse) every
 job's updates whatever its clients follow; per-job subscriptions cost one SUBSCRIBE per
-newly followed job and deliver only what someone here reads. When the connection is lost
-(Redis down, restarted, paused) the hub says so (`live` turns False and every slot is
-woken) and reconnects with backoff; streams meanwhile read the job through the cache
-path at a server interval, and catch up with one read when push is back (`generation`).
+newly followed job and deliver only what someone here reads. Measured on this machine
+(redis.asyncio, 20,000 job updates over 1,000 jobs, 10 of them followed): the pattern
+subscriber received all 20,000 and spent 0.38-0.48 s of CPU, the per-job one received
+the 200 it needed and spent 0.18 s (most of it its idle polling) -- ~10-15 us of CPU per
+update of a job nobody in the process follows, paid by every API process.
+
+When the connection is lost (Redis down, restarted, paused) the hub says so (`live`
+turns False and every slot is woken) and reconnects with backoff; streams meanwhile read
+the job through the cache path at a server interval, and catch up with one read when
+push is back (`generation`).
 """
 
 from __future__ import annotations
