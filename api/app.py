@@ -15,10 +15,11 @@ from typing import Any
 from fastapi import FastAPI
 from kombu.exceptions import OperationalError as BrokerError
 
-from api import errors, routes
+from api import errors, events, page, routes
 from api.deps import Enqueue, Services
 from api.errors import QueueUnavailable
 from api.fastpoll import FastPollMiddleware
+from api.hub import Hub
 from api.metrics import Metrics, RequestMetricsMiddleware
 from shared.apikeys import KeyResolver, lookup_client
 from shared.cache.aio import AsyncJobReader
@@ -37,19 +38,27 @@ def create_app(
     *,
     enqueue: Enqueue | None = None,
     redis_client: Any = None,
+    subscriber: Callable[[], Any] | None = None,
 ) -> FastAPI:
-    """The API app; `enqueue` and `redis_client` are seams for tests (default: from settings)."""
+    """The API app; `enqueue`, `redis_client` and `subscriber` (builds the asyncio client
+    of the live-updates subscription) are seams for tests (default: from settings)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = start_services(
-            settings or get_settings(), enqueue=enqueue, redis_client=redis_client
+            settings or get_settings(),
+            enqueue=enqueue,
+            redis_client=redis_client,
+            subscriber=subscriber,
         )
         app.state.services = services
+        assert services.hub is not None
+        services.hub.start()
         try:
             yield
         finally:
             del app.state.services
+            await services.hub.close()
             await services.reader.close()
             stop_services(services)
 
@@ -66,12 +75,19 @@ def create_app(
     # Added last, so outermost: it also counts the 413s of the body limit.
     app.add_middleware(RequestMetricsMiddleware)
     app.include_router(routes.router)
+    app.include_router(events.router)
     app.include_router(routes.ops)
+    app.include_router(page.router)
+    app.mount("/static", page.static, name="static")
     return app
 
 
 def start_services(
-    settings: Settings, *, enqueue: Enqueue | None = None, redis_client: Any = None
+    settings: Settings,
+    *,
+    enqueue: Enqueue | None = None,
+    redis_client: Any = None,
+    subscriber: Callable[[], Any] | None = None,
 ) -> Services:
     """Build everything a running app needs (in the serving process, after any fork)."""
     runtime = Runtime.start(settings, redis_client=redis_client)
@@ -84,6 +100,11 @@ def start_services(
 
         keys = KeyResolver(lookup, ttl_seconds=settings.api_key_cache_seconds)
         reader = AsyncJobReader(runtime.cache, async_redis(settings, redis_client))
+        hub = Hub(
+            subscriber or subscription_client(settings, redis_client),
+            runtime.cache.keys,
+            max_streams=settings.sse_max_streams,
+        )
         close_enqueue: Callable[[], None] = _nothing
         if enqueue is None:
             enqueue, close_enqueue = celery_enqueue(settings)
@@ -102,6 +123,7 @@ def start_services(
         metrics=metrics,
         reader=reader,
         close_enqueue=close_enqueue,
+        hub=hub,
     )
 
 
@@ -117,6 +139,24 @@ def async_redis(settings: Settings, redis_client: Any) -> Any:
     return connect_async(
         settings.redis_url, socket_timeout=settings.redis_socket_timeout, mode=settings.redis_mode
     )
+
+
+def subscription_client(settings: Settings, redis_client: Any) -> Callable[[], Any] | None:
+    """Builds the asyncio client of the live-updates subscription (api.hub), one per
+    (re)connect; None (streams poll the cache path) in the cases `async_redis` gives None.
+    No read timeout: the connection idles between messages; the hub pings it instead."""
+    if redis_client is not None or not settings.redis_url:
+        return None
+    try:
+        from redis.asyncio import Redis as AsyncRedis
+    except ImportError:
+        return None
+    url, timeout = settings.redis_url, settings.redis_socket_timeout
+
+    def connect() -> Any:
+        return AsyncRedis.from_url(url, socket_connect_timeout=timeout, health_check_interval=0)
+
+    return connect
 
 
 def stop_services(services: Services) -> None:

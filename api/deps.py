@@ -25,6 +25,7 @@ from api.errors import (
     not_authenticated,
     unsupported_media_type,
 )
+from api.hub import Hub
 from api.metrics import Metrics
 from api.models import JobCreate
 from shared.apikeys import KeyResolver
@@ -47,6 +48,8 @@ class Services:
     metrics: Metrics
     reader: AsyncJobReader
     close_enqueue: Callable[[], None] = lambda: None
+    # Live updates of the SSE streams (api.hub); built by the lifespan.
+    hub: Hub | None = None
 
 
 # Cheap lookups are `async def`: they run on the event loop, no thread-pool hop.

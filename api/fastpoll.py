@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import database_unavailable, job_not_found
 from api.models import MAX_JOB_ID
-from api.routes import job_response, router
+from api.routes import job_response, poll_interval, router
 
 PREFIX = "/api/v2/jobs/"
 ROUTE_PATH = "/api/v2/jobs/{job_id}"
@@ -107,7 +107,7 @@ class FastPollMiddleware:
                 {"detail": missing.detail}, status_code=missing.status_code, headers=missing.headers
             )
         else:
-            response = job_response(job, if_none_match)
+            response = job_response(job, if_none_match, poll_interval(services))
         await response(scope, receive, send)
 
     def _find_route(self) -> BaseRoute | None:

@@ -23,6 +23,7 @@ from api.deps import (
     JobCreateBody,
     ReaderDep,
     RuntimeDep,
+    Services,
     ServicesDep,
     SessionDep,
     current_client,
@@ -56,6 +57,7 @@ API_PREFIX = "/api/v2"
 JSON = "application/json"
 QUEUE_DOWN_ERROR = "could not enqueue: job queue unavailable"
 INTERNAL_ENQUEUE_ERROR = "could not enqueue: internal error"
+POLL_INTERVAL_HEADER = "X-Poll-Interval"
 
 JobId = Annotated[
     int, Path(ge=1, le=MAX_JOB_ID, description="the job id returned by POST /api/v2/jobs")
@@ -115,6 +117,7 @@ def create_job(
     cache: CacheDep,
     session: SessionDep,
     enqueue: EnqueueDep,
+    services: ServicesDep,
 ) -> Response:
     """Store the job (committed) first, then enqueue its render; poll `status_url`."""
     view = jobs.create_job(
@@ -145,7 +148,7 @@ def create_job(
     return JSONResponse(
         status_code=status.HTTP_202_ACCEPTED,
         content={"job_id": view.job_id, "status": JobStatus.QUEUED.value, "status_url": url},
-        headers={"Location": url},
+        headers={"Location": url, POLL_INTERVAL_HEADER: poll_interval(services)},
     )
 
 
@@ -172,6 +175,7 @@ async def get_job(
     job_id: JobId,
     client: ClientId,
     reader: ReaderDep,
+    services: ServicesDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The job object; `ETag` is its version, so `If-None-Match` polls cost no body."""
@@ -182,14 +186,22 @@ async def get_job(
     job = await reader.get(job_id, client_id=client)
     if job is None:
         raise job_not_found()
-    return job_response(job, if_none_match)
+    return job_response(job, if_none_match, poll_interval(services))
 
 
-def job_response(job: CachedJob, if_none_match: str | None) -> Response:
+def poll_interval(services: Services) -> str:
+    """`X-Poll-Interval`: how many seconds a polling client should wait (a setting)."""
+    return f"{services.runtime.settings.poll_interval_seconds:g}"
+
+
+def job_response(job: CachedJob, if_none_match: str | None, poll_hint: str) -> Response:
     """200 with the cached bytes, or 304 when If-None-Match matches (shared with
-    `api.fastpoll`, so both paths answer byte for byte alike)."""
+    `api.fastpoll`, so both paths answer byte for byte alike). A job still moving
+    carries `X-Poll-Interval`, the pace the server asks of clients that poll."""
     etag = f'"{job.view.version}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if not job.view.finished:
+        headers[POLL_INTERVAL_HEADER] = poll_hint
     if if_none_match is not None and etag_matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     # The cached bytes go out as they are: never parsed and re-serialized here.

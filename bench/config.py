@@ -44,6 +44,11 @@ class Config:
     scale_interval: float
     scale_polls: int
     scale_write_rate: float
+    # 7. live progress (SSE) against polling at 1 s, on one API process
+    sse_streams: tuple[int, ...] = (500, 1_000, 2_000)
+    sse_poll_clients: int = 500  # one of sse_streams: the clients compared
+    sse_seconds: float = 10.0
+    sse_write_rate: float = 10.0  # versions/s in total, over 100 jobs
 
 
 FULL = Config(
@@ -108,4 +113,7 @@ QUICK = Config(
     scale_interval=0.5,
     scale_polls=5,
     scale_write_rate=10.0,
+    sse_streams=(50, 100),
+    sse_poll_clients=50,
+    sse_seconds=3.0,
 )

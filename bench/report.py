@@ -58,7 +58,66 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
         "outage_errors": results["outage"]["errors"],
         "outage_p99_delta_ms": results["outage"]["p99_delta_ms"],
         "recovery_seconds": results["outage"]["recovery_seconds"],
+        **sse_figures(results),
     }
+
+
+def sse_figures(results: dict[str, Any]) -> dict[str, float]:
+    """Section 7's headline figures (NaN when the section did not run)."""
+    live = results.get("sse")
+    if live is None:
+        nan = float("nan")
+        keys = ("sse_max_streams", "sse_p99_ms_at_2000", "sse_kib_per_stream")
+        return dict.fromkeys((*keys, "sse_cpu_ratio_vs_poll"), nan)
+    return {
+        "sse_max_streams": live["max_streams"],
+        "sse_p99_ms_at_2000": live["p99_ms_at_2000"],
+        "sse_kib_per_stream": live["kib_per_stream"],
+        "sse_cpu_ratio_vs_poll": live["cpu_ratio_vs_poll"],
+    }
+
+
+SSE_COLUMNS = ["clients", "connected", "events", "p50 ms", "p99 ms", "KiB/stream",
+               "API CPU s", "CPU ms/event", "DB reads/s"]  # fmt: skip
+
+
+def sse_markdown(results: dict[str, Any]) -> list[str]:
+    """Section 7 of latest.md."""
+    live = results.get("sse")
+    if live is None:
+        return []
+    rows: list[list[Any]] = []
+    fields = ("p50_ms", "p99_ms", "kib_per_stream", "api_cpu_s", "api_cpu_ms_per_event",
+              "db_reads_per_s")  # fmt: skip
+    for n, row in live["streams"].items():
+        rows.append(
+            [f"SSE, {n} streams", row["connected"], row["events"]]
+            + [_sse_fmt(row[name]) for name in fields]
+        )
+    poll = live["polling"]
+    label = f"polling at 1 s, {poll['clients']} clients"
+    cpu, reads = _sse_fmt(poll["api_cpu_s"]), _sse_fmt(poll["db_reads_per_s"])
+    rows.append([label, poll["connected"], f"{poll['requests']} polls", "-", "-", "-", cpu, "-",
+                 reads])  # fmt: skip
+    return [
+        "## 7. Live progress: SSE against polling",
+        "",
+        f"One API process; a writer updates 100 jobs at {live['write_rate']:g} versions/s in "
+        f"total for {live['seconds']:g} s per row. Latency: from the version's `updated_at` "
+        "(just before its commit) to the client reading the event. Memory: the API's RSS with "
+        "the streams open, minus before, per stream. CPU: the API's process group over the "
+        "window.",
+        "",
+        *_table(SSE_COLUMNS, rows),
+        "",
+        f"Push costs {_sse_fmt(live['cpu_ratio_vs_poll'])}x the API CPU of polling at 1 s for the "
+        f"same {live['compare_clients']} clients; most streams held: {live['max_streams']}.",
+        "",
+    ]
+
+
+def _sse_fmt(value: Any) -> str:
+    return "-" if value is None else _fmt(value)
 
 
 def targets(results: dict[str, Any], figs: dict[str, float]) -> list[dict[str, Any]]:
@@ -100,6 +159,14 @@ def targets(results: dict[str, Any], figs: dict[str, float]) -> list[dict[str, A
             figs["recovery_seconds"],
             "≤ 5",
             lambda v: v <= 5,
+        ),
+        ("SSE: p99 ms at 2,000 streams", figs["sse_p99_ms_at_2000"], "≤ 50", lambda v: v <= 50),
+        ("SSE: KiB per open stream", figs["sse_kib_per_stream"], "≤ 50", lambda v: v <= 50),
+        (
+            "SSE: API CPU, push / polling at 1 s",
+            figs["sse_cpu_ratio_vs_poll"],
+            "≤ 0.2",
+            lambda v: v <= 0.2,
         ),
     ]
     return [
@@ -433,6 +500,7 @@ def markdown(
         ),
         *_fallbacks(sc),
         "",
+        *sse_markdown(results),
         "## Machine",
         "",
         *_table(["", ""], [[k, v] for k, v in mach.items()]),

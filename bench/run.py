@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench import hotpath, outage, poll, report, scale, stampede, writepath
+from bench import hotpath, outage, poll, report, scale, sse, stampede, writepath
 from bench.config import Config
 from bench.procs import PYTHON, ProcessGroup, base_env, free_port, wait_port
 from bench.services import private_database, start_hung_server, start_redis
@@ -137,6 +137,11 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
             for n, api in apis.items():
                 if n != 1:
                     stack.stop_api(api)
+            results["sse"] = section(
+                stack,
+                f"7. live progress: SSE streams {cfg.sse_streams} against polling at 1 s",
+                lambda: sse.run(stack, cfg),
+            )
             with runtime.sessions() as session:
                 postgres = str(session.execute(text("SHOW server_version")).scalar())
             redis_version = str(redis.client().info("server")["redis_version"])

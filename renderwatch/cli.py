@@ -1,7 +1,15 @@
 """The `renderwatch` command line: keys, migrations, jobs, stats, and the local stack.
 
-Exit codes: 0 success, 1 failure (the API or the database said no, or a job did not
-succeed), 2 usage error. Errors go to stderr. The API key is read from `--key` or
+Exit codes (README "The command line"):
+    0    success
+    1    the job failed or was cancelled (watch, submit --watch)
+    2    usage error
+    3    transport error: the API could not be reached, or the stream stayed broken
+         after the reconnect attempts
+    4    the API or the database refused (bad key, unknown job, finished job, 4xx/5xx,
+         database error)
+    130  interrupted
+Errors go to stderr. The API key is read from `--key` or
 RENDERWATCH_API_KEY and is never printed, except by `create-key`, which prints a new
 key as the last line of its output so scripts can take it with `tail -n 1`.
 """
@@ -19,7 +27,15 @@ from typing import Any
 
 import httpx
 
-from renderwatch.client import ClientError, NotFound, RenderwatchClient, Unauthorized
+from renderwatch.client import (
+    ApiError,
+    ApiUnreachable,
+    ClientError,
+    NotFound,
+    Poll,
+    RenderwatchClient,
+    Unauthorized,
+)
 from shared.schemas import MAX_SCENES, JobStatus, JobView
 from shared.settings import Settings, redact_url
 
@@ -35,7 +51,20 @@ class UsageError(Exception):
 
 
 class Failure(Exception):
-    """The command ran and failed (exit 1)."""
+    """The command ran and was refused (exit 4)."""
+
+
+class JobDidNotSucceed(Exception):
+    """The job followed ended failed or cancelled (exit 1)."""
+
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TRANSPORT = 3
+EXIT_REFUSED = 4
+# watch: reconnects after a broken stream (API restart), waiting these seconds between.
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -59,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"API commands read the API URL from --api-url or {API_URL_ENV} and the key "
         f"from --key or {API_KEY_ENV} (prefer the variable: arguments show up in `ps`).",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON (machine-readable)")
 
     http = argparse.ArgumentParser(add_help=False)
     http.add_argument(
@@ -98,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser(
         "submit",
-        parents=[http],
+        parents=[http, as_json],
         help="submit a video job",
         description="Submit a job; prints its id and status URL.",
     )
@@ -111,21 +143,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = sub.add_parser(
         "watch",
-        parents=[http],
-        help="follow a job until it ends",
-        description="Follow a job with a progress bar (plain lines when not on a terminal) "
-        "until it ends. Exit 0 when it succeeded, 1 when it failed or was cancelled.",
+        parents=[http, as_json],
+        help="follow a job until it ends (live stream, polling as a fallback)",
+        description="Follow a job's event stream with a progress bar and ETA (plain lines "
+        "when not on a terminal, NDJSON with --json) until it ends. Reconnects with "
+        "Last-Event-ID when the stream breaks (API restart), a few times with backoff; "
+        "polls at the server's X-Poll-Interval when the stream is refused. Exit 0 when "
+        "the job succeeded, 1 when it failed or was cancelled, 3 when the API stayed "
+        "unreachable.",
     )
     watch.add_argument("job_id", type=_job_id, metavar="JOB_ID")
     _interval_option(watch)
 
-    stats = sub.add_parser(
+    listing = sub.add_parser(
+        "list",
+        parents=[http, as_json],
+        help="list your jobs, newest first",
+        description="List the caller's jobs, newest first.",
+    )
+    listing.add_argument("--limit", type=_limit, default=20, metavar="N", help="jobs (1-100)")
+    status = sub.add_parser(
+        "status",
+        parents=[http, as_json],
+        help="show one job",
+        description="Show one job's status, progress and ETA.",
+    )
+    status.add_argument("job_id", type=_job_id, metavar="JOB_ID")
+    cancel = sub.add_parser(
+        "cancel",
+        parents=[http, as_json],
+        help="cancel a job",
+        description="Cancel a job: a queued job at once, a running one at its next scene.",
+    )
+    cancel.add_argument("job_id", type=_job_id, metavar="JOB_ID")
+
+    sub.add_parser(
         "stats",
-        parents=[http],
+        parents=[http, as_json],
         help="show the cache statistics",
         description="Show GET /api/v2/cache/stats as a table.",
     )
-    stats.add_argument("--json", action="store_true", help="print the raw JSON object")
 
     sub.add_parser("up", help="run the whole stack in the foreground (see `up --help`)")
     health = sub.add_parser(
@@ -144,8 +201,25 @@ def _interval_option(parser: argparse.ArgumentParser) -> None:
         type=_interval,
         default=1.0,
         metavar="SECONDS",
-        help="seconds between polls (default: 1)",
+        help="seconds between polls when polling and the server gives no X-Poll-Interval "
+        "(default: 1)",
     )
+
+
+def _limit(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError("must be between 1 and 100")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("renderwatch")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _scenes(text: str) -> int:
@@ -207,16 +281,21 @@ def main(
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         _error(str(exc))
-        return 2
+        return EXIT_USAGE
+    except JobDidNotSucceed:
+        return EXIT_JOB_FAILED
     except Failure as exc:
         _error(str(exc))
-        return 1
+        return EXIT_REFUSED
     except Unauthorized:
         _error(f"the API refused the key (check --key or ${API_KEY_ENV})")
-        return 1
+        return EXIT_REFUSED
+    except ApiUnreachable as exc:
+        _error(str(exc))
+        return EXIT_TRANSPORT
     except ClientError as exc:
         _error(str(exc))
-        return 1
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -370,17 +449,21 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
     """Submit a job, optionally follow it."""
     with _client(args, ctx) as client:
         job = client.submit(args.prompt, args.scenes)
-        print(f"Submitted job {job.job_id} ({job.status}).")
-        print(f"Status URL: {job.status_url}")
+        if args.json:
+            answer = {"job_id": job.job_id, "status": job.status, "status_url": job.status_url}
+            print(json.dumps(answer))
+        else:
+            print(f"Submitted job {job.job_id} ({job.status}).")
+            print(f"Status URL: {job.status_url}")
         if not args.watch:
             return 0
-        return _watch(client, job.job_id, args.interval, ctx)
+        return _watch(client, job.job_id, args, ctx)
 
 
 def cmd_watch(args: argparse.Namespace, ctx: Context) -> int:
     """Follow a job until it ends."""
     with _client(args, ctx) as client:
-        return _watch(client, args.job_id, args.interval, ctx)
+        return _watch(client, args.job_id, args, ctx)
 
 
 def follow(
@@ -390,27 +473,103 @@ def follow(
     interval: float,
     on_change: Callable[[JobView], None],
     sleep: Callable[[float], None] = time.sleep,
+    stream: bool = True,
 ) -> JobView:
-    """Poll (with If-None-Match) until the job ends; `on_change` sees every new version."""
-    etag: str | None = None
-    view: JobView | None = None
-    while True:
-        poll = client.get_job(job_id, etag=etag)
-        if poll.view is not None:
-            view, etag = poll.view, poll.etag
+    """Follow the job until it ends; `on_change` sees every new version once, in order.
+
+    The event stream first. A broken stream (API restart, network) is reopened with
+    Last-Event-ID after RECONNECT_DELAYS; once they are spent, `ApiUnreachable`. A stream
+    the server refuses (503 when it has too many, or an API without it) falls back to
+    polling with If-None-Match, at the server's X-Poll-Interval (else `interval`).
+    """
+    last: JobView | None = None
+
+    def seen(view: JobView) -> None:
+        nonlocal last
+        if last is None or view.version > last.version:
+            last = view
             on_change(view)
+
+    failures = 0
+    first_poll: Poll | None = None
+    while stream:
+        try:
+            for view in client.events(job_id, last_event_id=last.version if last else None):
+                failures = 0
+                seen(view)
+            assert last is not None
+            return last
+        except NotFound:
+            # The job's 404 -- or an API without the stream: the poll tells them apart.
+            first_poll = client.get_job(job_id)
+            break
+        except ApiUnreachable:
+            if failures >= len(RECONNECT_DELAYS):
+                raise
+            sleep(RECONNECT_DELAYS[failures])
+            failures += 1
+        except ApiError:
+            break  # refused (e.g. 503, too many streams): poll instead
+    return _poll(client, job_id, interval, seen, sleep, first_poll, lambda: last)
+
+
+def _poll(
+    client: RenderwatchClient,
+    job_id: int,
+    interval: float,
+    seen: Callable[[JobView], None],
+    sleep: Callable[[float], None],
+    poll: Poll | None,
+    latest: Callable[[], JobView | None],
+) -> JobView:
+    etag: str | None = None
+    failures = 0
+    while True:
+        if poll is None:
+            try:
+                poll = client.get_job(job_id, etag=etag)
+                failures = 0
+            except ApiUnreachable:
+                if failures >= len(RECONNECT_DELAYS):
+                    raise
+                sleep(RECONNECT_DELAYS[failures])
+                failures += 1
+                continue
+        if poll.view is not None:
+            etag = poll.etag
+            seen(poll.view)
+        pace = poll.poll_interval or interval
+        poll = None
+        view = latest()
         if view is not None and view.finished:
             return view
-        sleep(interval)
+        sleep(pace)
+
+
+def format_eta(seconds: float | None) -> str:
+    """`41 s`, `3 min 05 s`, or empty when there is no estimate."""
+    if seconds is None:
+        return ""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, rest = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {rest:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def progress_line(view: JobView) -> str:
-    """One plain line of progress."""
+    """One plain line of progress (with the ETA once the worker has one)."""
     p = view.progress
-    return (
+    line = (
         f"job {view.job_id}: {view.status.value:<9} stage={p.current_stage.value:<10} "
         f"scenes {p.scenes_completed}/{p.scenes_total}  {p.percent:5.1f}%"
     )
+    if p.eta_seconds is not None and not view.finished:
+        line += f"  ETA {format_eta(p.eta_seconds)}"
+    return line
 
 
 def final_line(view: JobView) -> str:
@@ -425,12 +584,21 @@ def final_line(view: JobView) -> str:
     return f"job {view.job_id} {view.status.value} {where}"
 
 
-def _watch(client: RenderwatchClient, job_id: int, interval: float, ctx: Context) -> int:
+def _watch(client: RenderwatchClient, job_id: int, args: argparse.Namespace, ctx: Context) -> int:
     from rich.console import Console
 
+    interval: float = args.interval
     console = Console(file=sys.stdout)
     try:
-        if console.is_terminal:
+        if args.json:
+            view = follow(
+                client,
+                job_id,
+                interval=interval,
+                sleep=ctx.sleep,
+                on_change=lambda v: print(v.model_dump_json(), flush=True),
+            )
+        elif console.is_terminal:
             view = _watch_bar(client, job_id, interval, ctx, console)
         else:
             view = follow(
@@ -441,9 +609,10 @@ def _watch(client: RenderwatchClient, job_id: int, interval: float, ctx: Context
                 on_change=lambda v: print(progress_line(v), flush=True),
             )
     except NotFound:
-        raise Failure(f"job {job_id} not found (or it belongs to another client)") from None
-    print(final_line(view))
-    return 0 if view.status is JobStatus.SUCCEEDED else 1
+        raise _not_found(job_id) from None
+    if not args.json:
+        print(final_line(view))
+    return EXIT_OK if view.status is JobStatus.SUCCEEDED else EXIT_JOB_FAILED
 
 
 def _watch_bar(
@@ -463,10 +632,11 @@ def _watch_bar(
         BarColumn(),
         TextColumn("scenes {task.fields[scenes]}"),
         TaskProgressColumn(),
+        TextColumn("ETA {task.fields[eta]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("", total=100, job=job_id, status="", stage="", scenes="?")
+        task = bar.add_task("", total=100, job=job_id, status="", stage="", scenes="?", eta="-")
 
         def show(view: JobView) -> None:
             p = view.progress
@@ -476,6 +646,7 @@ def _watch_bar(
                 status=view.status.value,
                 stage=p.current_stage.value,
                 scenes=f"{p.scenes_completed}/{p.scenes_total}",
+                eta=format_eta(p.eta_seconds) or "-",
             )
 
         return follow(client, job_id, interval=interval, on_change=show, sleep=ctx.sleep)
@@ -489,6 +660,78 @@ def cmd_stats(args: argparse.Namespace, ctx: Context) -> int:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:
         print(stats_table(stats))
+    return 0
+
+
+def _not_found(job_id: int) -> Failure:
+    return Failure(f"job {job_id} not found (or it belongs to another client)")
+
+
+def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
+    """The caller's jobs, newest first."""
+    with _client(args, ctx) as client:
+        page = client.list_jobs(limit=args.limit)
+    items = page.get("items") or []
+    if args.json:
+        print(json.dumps(page))
+        return 0
+    if not items:
+        print("No jobs.")
+        return 0
+    rows = [("JOB", "STATUS", "STAGE", "SCENES", "PERCENT", "ETA", "CREATED")]
+    for item in items:
+        p = item.get("progress", {})
+        rows.append(
+            (
+                str(item.get("job_id")),
+                str(item.get("status")),
+                str(p.get("current_stage")),
+                f"{p.get('scenes_completed')}/{p.get('scenes_total')}",
+                f"{float(p.get('percent', 0)):.1f}%",
+                format_eta(p.get("eta_seconds")) or "-",
+                str(item.get("created_at", ""))[:19].replace("T", " "),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    """One job, once."""
+    with _client(args, ctx) as client:
+        try:
+            view = client.get_job(args.job_id).view
+        except NotFound:
+            raise _not_found(args.job_id) from None
+    assert view is not None
+    if args.json:
+        print(view.model_dump_json())
+    elif view.finished:
+        print(final_line(view))
+    else:
+        print(progress_line(view))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, ctx: Context) -> int:
+    """Ask for a job to stop."""
+    with _client(args, ctx) as client:
+        try:
+            answer = client.cancel(args.job_id)
+        except NotFound:
+            raise _not_found(args.job_id) from None
+        except ApiError as exc:
+            if exc.status_code == 409:
+                raise Failure(exc.detail) from None
+            raise
+    if args.json:
+        print(json.dumps(answer))
+    elif answer.get("status") == JobStatus.CANCELLED.value:
+        print(f"job {args.job_id} cancelled.")
+    else:
+        print(f"job {args.job_id}: cancel requested; it stops at its next scene.")
     return 0
 
 
@@ -538,6 +781,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Context], int]] = {
     "revoke-key": cmd_revoke_key,
     "submit": cmd_submit,
     "watch": cmd_watch,
+    "list": cmd_list,
+    "status": cmd_status,
+    "cancel": cmd_cancel,
     "stats": cmd_stats,
     "healthcheck": cmd_healthcheck,
     "up": _never,

@@ -14,6 +14,8 @@ message or a `repr`. `transport=` is the seam for tests (`httpx.MockTransport`).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
@@ -25,6 +27,8 @@ from pydantic import ValidationError
 from shared.schemas import JobView
 
 DEFAULT_TIMEOUT = 10.0
+# The stream sends a keep-alive comment every 15 s: silence for longer means it is dead.
+STREAM_READ_TIMEOUT = 45.0
 DB_QUERIES_METRIC = "renderwatch_db_queries_total"
 
 
@@ -53,6 +57,10 @@ class NotFound(ApiError):
     """404: no such job, or not the caller's."""
 
 
+class StreamBroken(ApiUnreachable):
+    """The event stream stopped before the job ended (API restart, network)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     """The answer to a job submission."""
@@ -68,6 +76,8 @@ class Poll:
 
     view: JobView | None
     etag: str | None
+    # X-Poll-Interval: the pace the server asks of polling clients (None: not said).
+    poll_interval: float | None = None
 
     @property
     def not_modified(self) -> bool:
@@ -135,14 +145,52 @@ class RenderwatchClient:
         """GET /api/v2/jobs/{id}, conditional on `etag` (a 304 gives `view=None`)."""
         headers = {"If-None-Match": etag} if etag else None
         response = self._request("GET", f"/api/v2/jobs/{job_id}", headers=headers)
+        hint = poll_interval(response)
         if response.status_code == 304:
-            return Poll(view=None, etag=response.headers.get("etag", etag))
+            return Poll(view=None, etag=response.headers.get("etag", etag), poll_interval=hint)
         self._expect(response, 200)
-        return Poll(view=parse_job(response), etag=response.headers.get("etag"))
+        return Poll(view=parse_job(response), etag=response.headers.get("etag"), poll_interval=hint)
 
-    def cancel(self, job_id: int) -> None:
-        """POST /api/v2/jobs/{id}/cancel."""
-        self._expect(self._request("POST", f"/api/v2/jobs/{job_id}/cancel"), 200, 202)
+    def list_jobs(self, *, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        """GET /api/v2/jobs: a page of the caller's jobs, newest first."""
+        response = self._request("GET", "/api/v2/jobs", params={"limit": limit, "offset": offset})
+        self._expect(response, 200)
+        return _json_object(response)
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        """POST /api/v2/jobs/{id}/cancel: the answer (`status`, `cancel_requested`)."""
+        response = self._request("POST", f"/api/v2/jobs/{job_id}/cancel")
+        self._expect(response, 200, 202)
+        return _json_object(response)
+
+    def events(self, job_id: int, *, last_event_id: int | None = None) -> Iterator[JobView]:
+        """GET /api/v2/jobs/{id}/events: each new version of the job as it happens.
+
+        Ends after the terminal state. Raises `NotFound` (404, before any event),
+        `ApiError` for another refusal (e.g. 503 when the server has too many streams)
+        and `StreamBroken` when the stream stops early (reconnect with the last version).
+        """
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=STREAM_READ_TIMEOUT)
+        path = f"/api/v2/jobs/{job_id}/events"
+        try:
+            with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                if response.status_code != 200:
+                    response.read()
+                    self._expect(response, 200)
+                finished = False
+                for data in sse_data(response.iter_lines()):
+                    view = _parse_view(data, response.status_code)
+                    yield view
+                    finished = view.finished
+                if not finished:
+                    raise StreamBroken("the event stream ended before the job did")
+        except httpx.TransportError as exc:
+            raise StreamBroken(
+                f"the event stream from {self.base_url} broke ({type(exc).__name__})"
+            ) from exc
 
     def cache_stats(self) -> dict[str, Any]:
         """GET /api/v2/cache/stats: the statistics object."""
@@ -188,14 +236,54 @@ class RenderwatchClient:
 
 def parse_job(response: httpx.Response) -> JobView:
     """The job object of a response; keys this client does not know are ignored."""
-    body = _json_object(response)
+    return _job_view(_json_object(response), response.status_code)
+
+
+def _job_view(body: dict[str, Any], status_code: int) -> JobView:
     known = {k: v for k, v in body.items() if k in JobView.model_fields}
     try:
         return JobView.model_validate(known)
     except ValidationError as exc:
-        raise ApiError(
-            response.status_code, f"malformed job object: {exc.errors()[0]['msg']}"
-        ) from None
+        raise ApiError(status_code, f"malformed job object: {exc.errors()[0]['msg']}") from None
+
+
+def _parse_view(data: str, status_code: int) -> JobView:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise ApiError(status_code, "an event is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(status_code, "an event is not a JSON object")
+    return _job_view(body, status_code)
+
+
+def sse_data(lines: Iterator[str]) -> Iterator[str]:
+    """The `data` of each event of a text/event-stream (comments, ids, retry skipped:
+    the job object carries its version)."""
+    data: list[str] = []
+    for line in lines:
+        line = line.rstrip("\r")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value.removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def poll_interval(response: httpx.Response) -> float | None:
+    """The response's X-Poll-Interval in seconds, if it carries a sane one."""
+    try:
+        value = float(response.headers.get("x-poll-interval", ""))
+    except ValueError:
+        return None
+    return value if 0 < value <= 3_600 else None
 
 
 def metric_total(text: str, name: str = DB_QUERIES_METRIC) -> float | None:
@@ -249,8 +337,11 @@ __all__ = [
     "NotFound",
     "Poll",
     "RenderwatchClient",
+    "StreamBroken",
     "Submitted",
     "Unauthorized",
     "metric_total",
     "parse_job",
+    "poll_interval",
+    "sse_data",
 ]

@@ -46,6 +46,7 @@ def job_view(row: Job) -> JobView:
             scenes_completed=row.scenes_completed,
             scenes_total=row.scenes_total,
             percent=percent(stage, row.scenes_completed, row.scenes_total),
+            eta_seconds=row.eta_seconds,
         ),
         version=row.version,
         error=row.error,
@@ -183,6 +184,8 @@ def _next_state(row: Job, upd: ProgressUpdate) -> dict[str, object] | None:
         raise ProgressRegression(
             changed, f"can only change together with progress (job {row.id} did not advance)"
         )
+    # The estimate travels with a progress step and is replaced by each one.
+    new["eta_seconds"] = None if status.finished else upd.eta_seconds
     return new
 
 

@@ -59,6 +59,7 @@ class Job(Base):
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     celery_task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)

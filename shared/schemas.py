@@ -20,6 +20,7 @@ MAX_SCENES = 1_000
 MAX_ERROR_CHARS = 2_000
 MAX_URL_CHARS = 2_048
 MAX_CLIENT_ID_CHARS = 255
+MAX_ETA_SECONDS = 10_000_000.0
 
 
 class JobStatus(StrEnum):
@@ -65,6 +66,9 @@ class ProgressInfo(BaseModel):
     scenes_completed: int = Field(ge=0, le=MAX_SCENES)
     scenes_total: int = Field(ge=1, le=MAX_SCENES)
     percent: float = Field(ge=0, le=100)
+    # Seconds until the last scene is rendered, estimated by the worker; None until a
+    # scene is done and after rendering (optional: entries cached before it stay valid).
+    eta_seconds: float | None = Field(default=None, ge=0, le=MAX_ETA_SECONDS)
 
 
 class JobView(BaseModel):
@@ -133,6 +137,9 @@ class ProgressUpdate(BaseModel):
     status: JobStatus | None = None
     error: Annotated[str, Field(max_length=MAX_ERROR_CHARS)] | None = None
     result_url: Annotated[str, Field(max_length=MAX_URL_CHARS)] | None = None
+    eta_seconds: Annotated[float, Field(ge=0, le=MAX_ETA_SECONDS, allow_inf_nan=False)] | None = (
+        None
+    )
 
     @classmethod
     def parse(cls, progress: Any) -> ProgressUpdate:

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     celery_quorum_queues: bool = True
     celery_delivery_limit: int = Field(default=20, ge=1, le=10_000)
 
+    # Live progress (README "Following a job live"): the SSE stream and the poll hint.
+    sse_max_streams: int = Field(default=5_000, ge=1, le=1_000_000)
+    sse_send_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=3_600)
+    events_fallback_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    poll_interval_seconds: float = Field(default=2.0, gt=0, le=3_600)
+
     @field_validator("redis_url", "celery_broker_url", "database_url")
     @classmethod
     def _strip(cls, value: str) -> str:

@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import re
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from shared.jobs import ConcurrentUpdateError
 from shared.queue import RENDER_VIDEO, SNAPSHOT_CACHE_STATS
 from shared.schemas import MAX_ERROR_CHARS, JobStatus, ProgressRegression, Stage
 from shared.snapshots import save_snapshot
+from worker.eta import SceneEta
 from worker.process import worker_process
 from worker.renderer import Renderer, RenderError
 
@@ -215,6 +217,8 @@ class _Render:
                 progress.scenes_completed,
                 total,
             )
+        # Scene durations since this run started (a resumed run times its own scenes).
+        eta = SceneEta()
         for index in range(start.index, len(steps)):
             step = steps[index]
             if self.cancel_requested():
@@ -227,7 +231,12 @@ class _Render:
             }
             if step.reports_first and not (index == start.index and start.reported):
                 self.report(update)
+            if step.stage is Stage.RENDERING:
+                eta.begin(time.monotonic())
             result_url = self.work(step, total)
+            if step.stage is Stage.RENDERING:
+                eta.scene_done(time.monotonic())
+                update["eta_seconds"] = eta.eta(total - step.scenes_completed)
             if step.stage is Stage.DONE:
                 assert result_url is not None
                 update |= {"status": JobStatus.SUCCEEDED.value, "result_url": result_url}

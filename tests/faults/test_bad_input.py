@@ -470,8 +470,13 @@ def test_fuzzing_every_operation_from_the_openapi_schema_finds_no_server_error(
             )
             @given(case=operation.as_strategy(generation_mode=mode))
             def call(case: Any) -> None:
-                response = case.call(headers=api.auth, timeout=10)
+                # The event stream answers a found job with a body that lasts until the
+                # job ends: take its status without reading the body.
+                streaming = {"stream": True} if case.operation.path.endswith("/events") else {}
+                response = case.call(headers=api.auth, timeout=10, **streaming)
                 statuses[response.status_code] += 1
+                if streaming and response.status_code == 200:
+                    return
                 case.validate_response(response, checks=[not_a_server_error])
 
             try:

@@ -37,6 +37,10 @@ KEYS = (
     "outage_errors",
     "outage_p99_delta_ms",
     "recovery_seconds",
+    "sse_max_streams",
+    "sse_p99_ms_at_2000",
+    "sse_kib_per_stream",
+    "sse_cpu_ratio_vs_poll",
 )
 
 
@@ -93,7 +97,9 @@ def test_quick_bench_runs_and_writes_every_key(pg_admin_url: str, tmp_path: Path
     )
 
     markdown = (out / "latest.md").read_text()
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## Machine"):
+    assert document["sse_max_streams"] > 0  # the quick run's streams all connected
+    assert document["sse_kib_per_stream"] >= 0
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Machine"):
         assert heading in markdown
     assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -274,7 +274,9 @@ def test_get_serves_the_cached_bytes_with_etag(api, alice):
         "scenes_completed": 0,
         "scenes_total": 4,
         "percent": 0.0,
+        "eta_seconds": None,
     }
+    assert r.headers["x-poll-interval"] == "2"  # a job still moving: the pace to poll at
     assert set(body) == {
         "job_id",
         "client_id",

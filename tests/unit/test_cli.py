@@ -236,7 +236,7 @@ def test_submit_reports_validation_errors_from_the_api(capsys):
             json={"detail": [{"loc": ["body", "scenes_total"], "msg": "too many"}]},
         )
 
-    assert run(["submit", "--prompt", "x", "--scenes", "3"], handler) == 1
+    assert run(["submit", "--prompt", "x", "--scenes", "3"], handler) == cli.EXIT_REFUSED
     err = capsys.readouterr().err
     assert "422" in err and "scenes_total: too many" in err
 
@@ -258,7 +258,9 @@ def test_watch_prints_plain_progress_lines_then_the_final_status(capsys):
 def test_watch_polls_with_if_none_match_and_prints_nothing_on_304(capsys):
     api = FakeApi(polls_per_version=3)
     assert run(["watch", "7", "--interval", "0"], api) == 0
-    gets = [r for r in api.requests if r.method == "GET"]
+    # (the first request asked for the stream, which this fake API does not have)
+    assert api.requests[0].url.path == "/api/v2/jobs/7/events"
+    gets = [r for r in api.requests[1:] if r.method == "GET"]
     assert "if-none-match" not in gets[0].headers
     assert gets[1].headers["if-none-match"] == '"1"'
     # One line per version, however many polls it took.
@@ -297,14 +299,14 @@ def test_watch_exits_1_when_the_job_did_not_succeed(status, extra, final, capsys
 
 
 def test_watch_of_an_unknown_job_fails_clearly(capsys):
-    assert run(["watch", "99", "--interval", "0"]) == 1
+    assert run(["watch", "99", "--interval", "0"]) == cli.EXIT_REFUSED
     err = capsys.readouterr().err
     assert "job 99 not found" in err
 
 
 def test_a_refused_key_fails_without_printing_it(capsys):
     env = {cli.API_URL_ENV: BASE, cli.API_KEY_ENV: "rw_wrong-key"}
-    assert run(["watch", "7"], env=env) == 1
+    assert run(["watch", "7"], env=env) == cli.EXIT_REFUSED
     captured = capsys.readouterr()
     assert "refused the key" in captured.err
     assert "rw_wrong-key" not in captured.err + captured.out
@@ -321,7 +323,7 @@ def test_an_unreachable_api_is_a_clear_failure(capsys):
     def handler(request):
         raise httpx.ConnectError("connection refused", request=request)
 
-    assert run(["stats"], handler) == 1
+    assert run(["stats"], handler) == cli.EXIT_TRANSPORT
     err = capsys.readouterr().err
     assert f"cannot reach the API at {BASE}" in err
     assert KEY not in err
@@ -416,7 +418,7 @@ def test_create_key_refuses_a_blank_client_id(db_env, capsys):
 
 def test_create_key_on_an_unmigrated_database_says_to_migrate(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
-    assert cli.main(["create-key", "alice"]) == 1
+    assert cli.main(["create-key", "alice"]) == cli.EXIT_REFUSED
     err = capsys.readouterr().err
     assert "renderwatch migrate" in err and "api_keys" in err
 
@@ -428,7 +430,7 @@ def test_revoke_key_stops_it_and_never_echoes_it(db_env, capsys):
     captured = capsys.readouterr()
     assert "Revoked" in captured.out and key not in captured.out + captured.err
     assert lookup(db_env, key) is None
-    assert cli.main(["revoke-key", key]) == 1
+    assert cli.main(["revoke-key", key]) == cli.EXIT_REFUSED
     assert "no active key" in capsys.readouterr().err
 
 
@@ -473,7 +475,7 @@ def test_new_incarnation_failure_never_shows_the_password(monkeypatch, capsys):
 
 def test_migrate_failure_never_shows_the_password(monkeypatch, capsys):
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://rw:s3cr3t-pw@127.0.0.1:1/nope")
-    assert cli.main(["migrate"]) == 1
+    assert cli.main(["migrate"]) == cli.EXIT_REFUSED
     captured = capsys.readouterr()
     assert "migration failed" in captured.err
     assert "s3cr3t-pw" not in captured.out + captured.err

@@ -66,7 +66,9 @@ def test_the_job_object_has_the_design_shape(h: Harness) -> None:
     job = h.new_job()
     data = cache_api.get_job_with_cache(job.job_id)
     assert data is not None and set(data) == JOB_KEYS
-    assert set(data["progress"]) == {"current_stage", "scenes_completed", "scenes_total", "percent"}
+    assert set(data["progress"]) == {
+        "current_stage", "scenes_completed", "scenes_total", "percent", "eta_seconds",
+    }  # fmt: skip
     assert (data["status"], data["version"], data["error"], data["result_url"]) == (
         "queued", 1, None, None,
     )  # fmt: skip

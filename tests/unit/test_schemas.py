@@ -91,7 +91,9 @@ def test_the_job_object_round_trips_through_its_json() -> None:
         "job_id", "client_id", "status", "progress", "version", "error", "result_url",
         "created_at", "updated_at",
     }  # fmt: skip
-    assert set(data["progress"]) == {"current_stage", "scenes_completed", "scenes_total", "percent"}
+    assert set(data["progress"]) == {
+        "current_stage", "scenes_completed", "scenes_total", "percent", "eta_seconds",
+    }  # fmt: skip
     assert data["status"] == "running" and data["progress"]["current_stage"] == "rendering"
 
 
@@ -147,3 +149,16 @@ def test_percent_never_goes_backwards_when_progress_moves_forwards(point: Any) -
     assert 0.0 <= a <= 100.0 and 0.0 <= b <= 100.0
     if (stage_a.rank, scenes_a) <= (stage_b.rank, scenes_b):
         assert a <= b
+
+
+def test_an_entry_cached_before_the_eta_field_is_still_valid() -> None:
+    data = orjson.loads(view(error=None, result_url=None).to_json())
+    del data["progress"]["eta_seconds"]
+    old = JobView.model_validate_json(orjson.dumps(data))
+    assert old.progress.eta_seconds is None
+
+
+def test_a_progress_update_may_carry_an_eta_but_not_a_negative_one() -> None:
+    assert ProgressUpdate.parse({"current_stage": "rendering", "eta_seconds": 12.5}).eta_seconds
+    with pytest.raises(InvalidProgress, match="eta_seconds"):
+        ProgressUpdate.parse({"current_stage": "rendering", "eta_seconds": -1})

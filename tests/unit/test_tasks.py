@@ -453,3 +453,28 @@ def test_a_snapshot_without_a_database_is_skipped_with_one_plain_warning(
     assert "snapshot skipped" in records[0].getMessage()
     assert records[0].exc_info is None
     assert "hunter2" not in caplog.text and "127.0.0.1" not in caplog.text
+
+
+def test_the_render_reports_an_eta_once_a_scene_is_timed(runtime, monkeypatch):
+    import types
+
+    import worker.tasks
+
+    now = [1000.0]
+    monkeypatch.setattr(worker.tasks, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    job_id = new_job(runtime, 4)
+    seen: dict[str, float | None] = {}
+
+    def scene(n: int):
+        def hook() -> None:
+            seen[f"before scene {n}"] = db_job(runtime, job_id).progress.eta_seconds
+            now[0] += 3.0  # every scene takes 3 s
+
+        return hook
+
+    renderer = Recorder(hooks={f"scene {n}": scene(n) for n in range(1, 5)})
+    assert render(runtime, job_id, renderer) == "succeeded"
+    assert seen["before scene 1"] is None  # nothing timed yet
+    assert seen["before scene 2"] == pytest.approx(9.0)  # 3 scenes left x 3 s
+    assert seen["before scene 4"] == pytest.approx(3.0)
+    assert db_job(runtime, job_id).progress.eta_seconds is None  # finished: no estimate
