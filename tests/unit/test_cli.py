@@ -461,13 +461,13 @@ def test_new_incarnation_replaces_the_databases_incarnation(db_env, capsys):
 
 def test_new_incarnation_on_an_unmigrated_database_says_to_migrate(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
-    assert cli.main(["new-incarnation"]) == 1
+    assert cli.main(["new-incarnation"]) == cli.EXIT_REFUSED
     assert "renderwatch migrate" in capsys.readouterr().err
 
 
 def test_new_incarnation_failure_never_shows_the_password(monkeypatch, capsys):
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://rw:s3cr3t-pw@127.0.0.1:1/nope")
-    assert cli.main(["new-incarnation"]) == 1
+    assert cli.main(["new-incarnation"]) == cli.EXIT_REFUSED
     captured = capsys.readouterr()
     assert "database error" in captured.err
     assert "s3cr3t-pw" not in captured.out + captured.err
