@@ -44,6 +44,10 @@ class Config:
     scale_interval: float
     scale_polls: int
     scale_write_rate: float
+    # 7. slow database (every DB read of its API delayed this long)
+    slowdb_rounds: int = 3
+    slowdb_requests: int = 200
+    slowdb_delay_ms: int = 600
 
 
 FULL = Config(
@@ -108,4 +112,5 @@ QUICK = Config(
     scale_interval=0.5,
     scale_polls=5,
     scale_write_rate=10.0,
+    slowdb_rounds=1,
 )

@@ -37,6 +37,8 @@ KEYS = (
     "outage_errors",
     "outage_p99_delta_ms",
     "recovery_seconds",
+    "slowdb_db_reads",
+    "slowdb_next_wave_hit_rate",
 )
 
 
@@ -93,7 +95,7 @@ def test_quick_bench_runs_and_writes_every_key(pg_admin_url: str, tmp_path: Path
     )
 
     markdown = (out / "latest.md").read_text()
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## Machine"):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Machine"):
         assert heading in markdown
     assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
