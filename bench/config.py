@@ -45,7 +45,7 @@ class Config:
     scale_polls: int
     scale_write_rate: float
     # 7. slow database (every DB read of its API delayed this long)
-    slowdb_rounds: int = 3
+    slowdb_rounds: int = 5
     slowdb_requests: int = 200
     slowdb_delay_ms: int = 600
 
