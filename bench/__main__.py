@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bench.config import FULL, QUICK
-from bench.run import main
+from bench.run import ALONE, main
 from bench.services import DEFAULT_PG_ADMIN_URL
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -24,12 +24,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="PostgreSQL admin URL; the bench creates and drops its own database",
     )
     parser.add_argument("--keep", action="store_true", help="keep logs and raw records")
+    parser.add_argument(
+        "--only",
+        choices=ALONE,
+        help="run this one section alone and merge its figures into --output's latest.*",
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse(sys.argv[1:])
     command = "python -m bench" + (" --quick" if args.quick else "")
+    command += f" --only {args.only}" if args.only else ""
     sys.exit(
         main(
             QUICK if args.quick else FULL,
@@ -37,5 +43,6 @@ if __name__ == "__main__":
             pg_admin_url=args.pg_url,
             keep=args.keep,
             command=command,
+            only=args.only,
         )
     )

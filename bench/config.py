@@ -49,6 +49,10 @@ class Config:
     sse_poll_clients: int = 500  # one of sse_streams: the clients compared
     sse_seconds: float = 10.0
     sse_write_rate: float = 10.0  # versions/s in total, over 100 jobs
+    # 8. slow database (every DB read of its API delayed this long)
+    slowdb_rounds: int = 5
+    slowdb_requests: int = 200
+    slowdb_delay_ms: int = 600
 
 
 FULL = Config(
@@ -116,4 +120,5 @@ QUICK = Config(
     sse_streams=(50, 100),
     sse_poll_clients=50,
     sse_seconds=3.0,
+    slowdb_rounds=1,
 )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +38,8 @@ KEYS = (
     "outage_errors",
     "outage_p99_delta_ms",
     "recovery_seconds",
+    "slowdb_db_reads",
+    "slowdb_next_wave_hit_rate",
 )
 
 
@@ -59,6 +63,7 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
         "outage_p99_delta_ms": results["outage"]["p99_delta_ms"],
         "recovery_seconds": results["outage"]["recovery_seconds"],
         **sse_figures(results),
+        **section_figures("slowdb", results),
     }
 
 
@@ -120,10 +125,51 @@ def _sse_fmt(value: Any) -> str:
     return "-" if value is None else _fmt(value)
 
 
+def section_figures(name: str, results: dict[str, Any]) -> dict[str, float]:
+    """The headline figures of a section that can run alone (`python -m bench --only`)."""
+    assert name == "slowdb", name
+    return {
+        "slowdb_db_reads": results["slowdb"]["db_reads"],
+        "slowdb_next_wave_hit_rate": results["slowdb"]["next_wave_hit_rate"],
+    }
+
+
+def section_targets(name: str, figs: dict[str, float]) -> list[dict[str, Any]]:
+    """The target rows of a section that can run alone."""
+    assert name == "slowdb", name
+    rows = [
+        (
+            "slow DB (+600 ms): DB reads for 200 cold polls",
+            figs["slowdb_db_reads"],
+            "≤ 2",
+            lambda v: v <= 2,
+        ),
+        (
+            "slow DB (+600 ms): hit rate of the next 200 polls (%)",
+            figs["slowdb_next_wave_hit_rate"],
+            "= 100",
+            lambda v: v == 100,
+        ),
+    ]
+    return _checks(rows)
+
+
+def _checks(rows: list[tuple[str, float, str, Callable[[float], bool]]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "target": name,
+            "value": value,
+            "goal": goal,
+            "met": bool(not math.isnan(value) and ok(value)),
+        }
+        for name, value, goal, ok in rows
+    ]
+
+
 def targets(results: dict[str, Any], figs: dict[str, float]) -> list[dict[str, Any]]:
     """Each target of issue 5: what was measured, and whether it is met."""
     ratios = results["hotpath"]["ratios"]
-    rows = [
+    rows: list[tuple[str, float, str, Callable[[float], bool]]] = [
         (
             "DB reads per job over its 40 polls",
             figs["poll_db_reads_per_job"],
@@ -169,15 +215,7 @@ def targets(results: dict[str, Any], figs: dict[str, float]) -> list[dict[str, A
             lambda v: v <= 0.2,
         ),
     ]
-    return [
-        {
-            "target": name,
-            "value": value,
-            "goal": goal,
-            "met": bool(not math.isnan(value) and ok(value)),
-        }
-        for name, value, goal, ok in rows
-    ]
+    return _checks(rows) + section_targets("slowdb", figs)
 
 
 # -- machine ----------------------------------------------------------------------------------
@@ -501,6 +539,8 @@ def markdown(
         *_fallbacks(sc),
         "",
         *sse_markdown(results),
+        *section_markdown("slowdb", results["slowdb"]),
+        "",
         "## Machine",
         "",
         *_table(["", ""], [[k, v] for k, v in mach.items()]),
@@ -509,6 +549,57 @@ def markdown(
         "",
     ]
     return "\n".join(out)
+
+
+def section_markdown(name: str, s: dict[str, Any]) -> list[str]:
+    """The Markdown lines of a section that can run alone."""
+    assert name == "slowdb", name
+    p = s["params"]
+    return [
+        "",
+        "## 8. Slow database",
+        "",
+        f"An API instance whose every DB read takes {p['delay_ms']} ms more (`pg_sleep` in "
+        f"PostgreSQL before each SELECT, `bench.slowapi`). Each round: the job's entry "
+        f"dropped, {p['requests']} cold polls at once, then {p['requests']} more at once "
+        f"when they are answered; {p['rounds']} round(s).",
+        "",
+        *_table(
+            ["", "value"],
+            [
+                ["DB reads of the cold wave (median)", s["db_reads"]],
+                ["DB reads of the cold wave (worst round)", s["db_reads_max"]],
+                ["hit rate of the next wave (%, median)", s["next_wave_hit_rate"]],
+                ["hit rate of the next wave (%, worst round)", s["next_wave_hit_rate_min"]],
+                ["DB reads of the next wave (worst round)", s["next_wave_db_reads_max"]],
+                ["cold wave p50 (ms)", s["p50_ms"]],
+                ["cold wave p99 (ms)", s["p99_ms"]],
+                ["errors (both waves)", s["errors"]],
+            ],
+        ),
+        *_fallbacks(s),
+    ]
+
+
+def splice(text_md: str, name: str, section: dict[str, Any], checks: list[dict[str, Any]]) -> str:
+    """`text_md` (a whole run's latest.md) with the targets table and one section's block
+    replaced by (or given) the figures of a run of that section alone."""
+    table = "\n".join(
+        _table(
+            ["target", "measured", "goal", "met"],
+            [[c["target"], c["value"], c["goal"], c["met"]] for c in checks],
+        )
+    )
+    text_md = re.sub(
+        r"(## Targets[^\n]*\n\n)(\|.*?\n)(?=\n)",
+        lambda m: m.group(1) + table + "\n",
+        text_md,
+        count=1,
+        flags=re.S,
+    )
+    block = "\n".join(section_markdown(name, section)).lstrip("\n") + "\n\n"
+    text_md = re.sub(r"## 8\. .*?(?=## Machine)", "", text_md, count=1, flags=re.S)
+    return text_md.replace("## Machine", block + "## Machine", 1)
 
 
 _ORIGINAL = {

@@ -16,12 +16,13 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench import hotpath, outage, poll, report, scale, sse, stampede, writepath
+from bench import hotpath, outage, poll, report, scale, slowdb, sse, stampede, writepath
 from bench.config import Config
 from bench.procs import PYTHON, ProcessGroup, base_env, free_port, wait_port
 from bench.services import private_database, start_hung_server, start_redis
 from bench.stack import Stack
 from bench.wrk import WRK_INSTALL_HINT, wrk_path
+from shared.runtime import Runtime
 
 REFERENCE_KEY = "bench:reference:job"
 RUN_MARKER = "RW_BENCH_RUN"
@@ -83,6 +84,8 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 env=base_env(BENCH_REDIS_URL=redis.url, BENCH_REDIS_KEY=REFERENCE_KEY),
                 port=port,
             )
+            slow_job = stack.make_jobs(1, scenes=5, clients=stack.clients[:1])[0]
+            api_slow = slowdb.launch(stack, cfg)
             # Started now, idle until section 6: their start-up overlaps the others'.
             apis = {1: api_on}
             for n in cfg.scale_workers:
@@ -92,6 +95,7 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
             for ref in (ref_const, ref_redis):
                 assert ref.port is not None
                 wait_port(ref, ref.port)
+            slowdb.ready(api_slow, slow_job)
 
             results["poll"] = section(
                 stack,
@@ -142,14 +146,50 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 f"7. live progress: SSE streams {cfg.sse_streams} against polling at 1 s",
                 lambda: sse.run(stack, cfg),
             )
-            with runtime.sessions() as session:
-                postgres = str(session.execute(text("SHOW server_version")).scalar())
-            redis_version = str(redis.client().info("server")["redis_version"])
-            results["machine"] = report.machine(
-                redis_version=redis_version,
-                postgres_version=postgres,
-                tool=results["hotpath"]["tool"],
+            results["slowdb"] = section(
+                stack,
+                f"8. slow database (every DB read +{cfg.slowdb_delay_ms} ms)",
+                lambda: slowdb.run(stack, cfg, api=api_slow, job=slow_job),
             )
+            stack.stop_api(api_slow)
+            results["machine"] = _machine(stack, runtime, tool=results["hotpath"]["tool"])
+        finally:
+            stack.close()
+    return results
+
+
+def _machine(stack: Stack, runtime: Runtime, *, tool: str) -> dict[str, str]:
+    with runtime.sessions() as session:
+        postgres = str(session.execute(text("SHOW server_version")).scalar())
+    redis_version = str(stack.redis.client().info("server")["redis_version"])
+    return report.machine(redis_version=redis_version, postgres_version=postgres, tool=tool)
+
+
+# Sections that `python -m bench --only NAME` runs alone, on a stack of their own.
+ALONE = ("slowdb",)
+
+
+def measure_alone(cfg: Config, name: str, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
+    """One section on services created for it (the other sections are not run)."""
+    if name not in ALONE:
+        raise ValueError(f"--only takes one of {ALONE}, not {name!r}")
+    results: dict[str, Any] = {"config": cfg.name}
+    with private_database(pg_admin_url) as database_url, ProcessGroup(workdir / "logs") as group:
+        log(f"private database {database_url.rsplit('/', 1)[-1]}")
+        redis = start_redis(group, workdir / "redis")
+        stack = Stack(group=group, workdir=workdir, database_url=database_url, redis=redis)
+        try:
+            runtime = stack.start_runtime()
+            stack.make_clients(1)
+            job = stack.make_jobs(1, scenes=5)[0]
+            api = slowdb.launch(stack, cfg)
+            slowdb.ready(api, job)
+            results["slowdb"] = section(
+                stack,
+                f"8. slow database (every DB read +{cfg.slowdb_delay_ms} ms)",
+                lambda: slowdb.run(stack, cfg, api=api, job=job),
+            )
+            results["machine"] = _machine(stack, runtime, tool="bench.httpload")
         finally:
             stack.close()
     return results
@@ -189,7 +229,44 @@ def write(results: dict[str, Any], output: Path, *, command: str) -> dict[str, A
     return document
 
 
-def main(cfg: Config, *, output: Path, pg_admin_url: str, keep: bool, command: str) -> int:
+def write_alone(
+    results: dict[str, Any], output: Path, name: str, *, command: str
+) -> dict[str, Any]:
+    """Merge one section run alone into `output`'s latest.json and latest.md (those of the
+    last whole run, whose other figures stay as they were); returns the JSON document."""
+    path = output / "latest.json"
+    output.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    figs = report.section_figures(name, results)
+    document.update(figs)
+    # Where these figures come from: not the whole run the other figures are from.
+    alone = {"command": command, "machine": results["machine"]}
+    document.setdefault("details", {})[name] = {**results[name], "run_alone": alone}
+    names = {row["target"] for row in report.section_targets(name, figs)}
+    document["targets"] = [
+        row for row in document.get("targets", []) if row["target"] not in names
+    ] + report.section_targets(name, figs)
+    document = _clean(document)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    md = output / "latest.md"
+    lines = report.section_markdown(name, results[name])
+    if md.exists():
+        md.write_text(report.splice(md.read_text(), name, results[name], document["targets"]))
+    else:
+        md.write_text("\n".join(lines).lstrip("\n") + "\n")
+    print("\n".join(lines))
+    return document
+
+
+def main(
+    cfg: Config,
+    *,
+    output: Path,
+    pg_admin_url: str,
+    keep: bool,
+    command: str,
+    only: str | None = None,
+) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     if wrk_path() is None:
         log(WRK_INSTALL_HINT)
@@ -200,8 +277,12 @@ def main(cfg: Config, *, output: Path, pg_admin_url: str, keep: bool, command: s
     started = time.monotonic()
     ok = False
     try:
-        results = measure(cfg, pg_admin_url=pg_admin_url, workdir=workdir)
-        write(results, output, command=command)
+        if only is None:
+            results = measure(cfg, pg_admin_url=pg_admin_url, workdir=workdir)
+            write(results, output, command=command)
+        else:
+            results = measure_alone(cfg, only, pg_admin_url=pg_admin_url, workdir=workdir)
+            write_alone(results, output, only, command=command)
         ok = True
     finally:
         if ok and not keep:

@@ -173,12 +173,23 @@ class Stack:
         return env
 
     def launch_api(
-        self, name: str, *, cache: bool, workers: int = 1, redis_url: str | None = None
+        self,
+        name: str,
+        *,
+        cache: bool,
+        workers: int = 1,
+        redis_url: str | None = None,
+        module: str = "api",
+        extra_env: dict[str, str] | None = None,
     ) -> Api:
-        """Start an API instance (readiness is checked by `wait_ready`)."""
+        """Start an API instance (readiness is checked by `wait_ready`).
+
+        `module` is what `python -m` runs: `api`, or a wrapper of it such as `bench.slowapi`.
+        """
         port = free_port()
         env = self.api_env(cache=cache, workers=workers, port=port, redis_url=redis_url)
-        child = self.group.start(name, [PYTHON, "-m", "api"], env=env, port=port)
+        env.update(extra_env or {})
+        child = self.group.start(name, [PYTHON, "-m", module], env=env, port=port)
         api = Api(name=name, child=child, port=port, cache=cache, workers=workers, http=self.http)
         self.apis.append(api)
         return api
