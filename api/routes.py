@@ -188,7 +188,7 @@ async def get_job(
 def job_response(job: CachedJob, if_none_match: str | None) -> Response:
     """200 with the cached bytes, or 304 when If-None-Match matches (shared with
     `api.fastpoll`, so both paths answer byte for byte alike)."""
-    etag = f'"{job.view.version}"'
+    etag = f'"{job.version}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if if_none_match is not None and etag_matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)

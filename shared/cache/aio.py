@@ -82,7 +82,7 @@ class AsyncJobReader:
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """Like `JobCache.get`: None when missing or owned by another client."""
         job = (await self.read(job_id)).job
-        if job is None or (client_id is not None and job.view.client_id != client_id):
+        if job is None or (client_id is not None and job.client_id != client_id):
             return None
         return job
 
