@@ -83,7 +83,12 @@ def start_services(
             return run_read(runtime.sessions, lambda session: lookup_client(key, session=session))
 
         keys = KeyResolver(lookup, ttl_seconds=settings.api_key_cache_seconds)
-        reader = AsyncJobReader(runtime.cache, async_redis(settings, redis_client))
+        reader = AsyncJobReader(
+            runtime.cache,
+            async_redis(settings, redis_client),
+            batching=settings.cache_read_batching,
+            split_by_slot=settings.redis_mode == "cluster",
+        )
         close_enqueue: Callable[[], None] = _nothing
         if enqueue is None:
             enqueue, close_enqueue = celery_enqueue(settings)
