@@ -179,7 +179,7 @@ def test_a_failed_batch_degrades_each_read_to_the_database(world):
         async def refused(*args, **kwargs):
             raise redis.exceptions.ResponseError("OOM command not allowed")
 
-        client.evalsha = refused
+        client.evalsha = refused  # type: ignore[method-assign]
         results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(5)))
         await reader.close()
         return results, reader.batch_sizes
