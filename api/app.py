@@ -89,6 +89,7 @@ def start_services(
             batching=settings.cache_read_batching,
             split_by_slot=settings.redis_mode == "cluster",
         )
+        metrics.watch_batches(reader.batch_sizes)
         close_enqueue: Callable[[], None] = _nothing
         if enqueue is None:
             enqueue, close_enqueue = celery_enqueue(settings)

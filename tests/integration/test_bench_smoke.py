@@ -37,6 +37,10 @@ KEYS = (
     "outage_errors",
     "outage_p99_delta_ms",
     "recovery_seconds",
+    "rps_raw_asgi_evalsha",
+    "poll_batch_mean",
+    "p50_ms_cached_poll_1client",
+    "cpu_us_cached_poll",
 )
 
 
