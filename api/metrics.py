@@ -115,6 +115,16 @@ class Metrics:
             self.registry = self._own
         self.registry.register(CacheCollector(cache))
         self._engines: list[Engine] = []
+        self._children: dict[tuple[str, str, int], Any] = {}
+
+    def request_counter(self, method: str, template: str, status: int) -> Any:
+        """The labelled child of `http_requests` (looked up once per label set: the
+        label sets are bounded by methods, route templates and statuses)."""
+        key = (method, template, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.http_requests.labels(method, template, str(status))
+        return child
 
     def watch_batches(self, sizes: Counter_[int]) -> None:
         """Expose the async reader's batch sizes (`AsyncJobReader.batch_sizes`)."""
@@ -171,4 +181,4 @@ class RequestMetricsMiddleware:
         # The template keeps the label set bounded: /api/v2/jobs/{job_id}, not /api/v2/jobs/17.
         template = getattr(route, "path", None) or UNMATCHED_ROUTE
         method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
-        services.metrics.http_requests.labels(method, template, str(status)).inc()
+        services.metrics.request_counter(method, template, status).inc()

@@ -372,9 +372,17 @@ class JobCache:
             job_id,
             token=lease_token(),
             gate=self.gate,
-            policy=self.policy.read_policy,
+            policy=self._read_policy(),
             clock=self._clock,
         )
+
+    def _read_policy(self) -> ReadPolicy:
+        """`policy.read_policy`, built once per policy (not once per read)."""
+        cached = self.__dict__.get("_read_policy_of")
+        if cached is None or cached[0] is not self.policy:
+            cached = (self.policy, self.policy.read_policy)
+            self.__dict__["_read_policy_of"] = cached
+        return cached[1]
 
     def _from_db(self, job_id: int) -> CachedJob | None:
         view = self._load_job(job_id)
