@@ -62,8 +62,9 @@ def scenario(world: Any, *, batching: bool) -> tuple[list[Any], dict[str, Any], 
             admin.delete(cache.keys.job(a))
             admin.hset(cache.keys.job(a), "x", "1")  # a value of the wrong type
             admin.set(cache.keys.job(b), b"garbage")  # no seal
-            await read_all([(a, "alice")])  # each bad value met once, dropped, counted
-            await read_all([(b, "bob")])
+            # Each bad value met once (batched: in one READ_JOBS call, where the wrong
+            # type fails only its own read), dropped, counted.
+            await read_all([(a, "alice"), (b, "bob")])
             await read_all(reads)
         finally:
             await reader.close()
