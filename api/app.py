@@ -99,7 +99,13 @@ def start_services(
             return run_read(runtime.sessions, lambda session: lookup_client(key, session=session))
 
         keys = KeyResolver(lookup, ttl_seconds=settings.api_key_cache_seconds)
-        reader = AsyncJobReader(runtime.cache, async_redis(settings, redis_client))
+        reader = AsyncJobReader(
+            runtime.cache,
+            async_redis(settings, redis_client),
+            batching=settings.cache_read_batching,
+            split_by_slot=settings.redis_mode == "cluster",
+        )
+        metrics.watch_batches(reader.batch_sizes)
         hub = Hub(
             subscriber or subscription_client(settings, redis_client),
             runtime.cache.keys,

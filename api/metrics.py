@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter as Counter_
 from collections.abc import Iterable
 from typing import Any
 
@@ -89,6 +90,35 @@ class CacheCollector(Collector):
         )
 
 
+class ReadBatchCollector(Collector):
+    """This process's batched cache reads (README "Performance"): how many READ_JOBS
+    calls of each size the async reader sent. Per process, also under multiprocess mode."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+    def __init__(self, sizes: Counter_[int]) -> None:
+        self._sizes = sizes
+
+    def collect(self) -> Iterable[Metric]:
+        batches = CounterMetricFamily(
+            "renderwatch_cache_read_batches",
+            "Redis read calls of the async poll, by batch size (lower bound of a power-of-two "
+            "bucket), this process only.",
+            labels=["size"],
+        )
+        counts = dict.fromkeys(self.BUCKETS, 0)
+        for size, count in list(self._sizes.items()):
+            counts[max(b for b in self.BUCKETS if b <= size)] += count
+        for bucket, count in counts.items():
+            batches.add_metric([str(bucket)], count)
+        yield batches
+        yield CounterMetricFamily(
+            "renderwatch_cache_batched_reads",
+            "Cache reads sent in those calls, this process only.",
+            value=sum(size * count for size, count in list(self._sizes.items())),
+        )
+
+
 class Metrics:
     """The app's counters and the registry they are exposed from."""
 
@@ -145,6 +175,10 @@ class Metrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def watch_batches(self, sizes: Counter_[int]) -> None:
+        """Expose the async reader's batch sizes (`AsyncJobReader.batch_sizes`)."""
+        self.registry.register(ReadBatchCollector(sizes))
 
     def count_queries(self, engine: Engine) -> None:
         """Count every statement the engine sends (the demo and benchmarks read this)."""

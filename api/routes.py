@@ -198,9 +198,9 @@ def job_response(job: CachedJob, if_none_match: str | None, poll_hint: str) -> R
     """200 with the cached bytes, or 304 when If-None-Match matches (shared with
     `api.fastpoll`, so both paths answer byte for byte alike). A job still moving
     carries `X-Poll-Interval`, the pace the server asks of clients that poll."""
-    etag = f'"{job.view.version}"'
+    etag = f'"{job.version}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if not job.view.finished:
+    if not job.finished:
         headers[POLL_INTERVAL_HEADER] = poll_hint
     if if_none_match is not None and etag_matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)

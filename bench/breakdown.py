@@ -79,7 +79,7 @@ def no_dependencies() -> FastAPI:
         job = await services.reader.get(job_id, client_id=client)
         if job is None:
             return Response(status_code=404)
-        headers = {"ETag": f'"{job.view.version}"', "Cache-Control": "no-cache"}
+        headers = {"ETag": f'"{job.version}"', "Cache-Control": "no-cache"}
         return Response(content=job.body, media_type="application/json", headers=headers)
 
     return app
@@ -147,7 +147,7 @@ class FastPoll:
         job = await services.reader.get(job_id, client_id=client)
         if job is None:
             return False
-        etag = b'"%d"' % job.view.version
+        etag = b'"%d"' % job.version
         headers = [(b"etag", etag), (b"cache-control", b"no-cache")]
         tags = [] if if_none_match is None else if_none_match.split(b",")
         if any(tag.strip().removeprefix(b"W/") in (etag, b"*") for tag in tags):

@@ -2,7 +2,10 @@
 
 (a) bare FastAPI, constant bytes · (b) bare FastAPI, one redis.asyncio GET ·
 (c) GET /api/v2/jobs/{id}, auth + ownership + ETag + statistics, cached ·
-(d) the same with caching off, on PostgreSQL · (e) conditional polls answered 304.
+(d) the same with caching off, on PostgreSQL · (e) conditional polls answered 304 ·
+(r) raw ASGI (no framework), one redis.asyncio EVALSHA: the floor of one script call.
+Then (b), (c) and (r) at 1, 8, 64 and 256 concurrent clients (p50/p99), and the sizes of
+the cache's batched reads (README "Performance") over the section, from /metrics.
 The endpoints take turns within each round, so drift hits them all alike; the bench
 reports medians over rounds and the ratios of each round's figures.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from math import nan
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.config import Config
 from bench.procs import Child, group_cpu_seconds
@@ -25,7 +30,10 @@ LABELS = {
     "cached_poll": "(c) GET /api/v2/jobs/{id}, cached",
     "uncached_poll": "(d) GET /api/v2/jobs/{id}, cache off (PostgreSQL)",
     "conditional_304": "(e) GET /api/v2/jobs/{id}, If-None-Match → 304",
+    "raw_asgi_evalsha": "(r) raw ASGI, one redis.asyncio EVALSHA",
 }
+CONCURRENCY = (1, 8, 64, 256)
+SWEPT = ("redis_passthrough", "cached_poll", "raw_asgi_evalsha")
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,14 @@ class Target:
 
 
 def prepare(
-    stack: Stack, *, api_on: Api, api_off: Api, ref_const: Child, ref_redis: Child, key: str
+    stack: Stack,
+    *,
+    api_on: Api,
+    api_off: Api,
+    ref_const: Child,
+    ref_redis: Child,
+    ref_evalsha: Child,
+    key: str,
 ) -> tuple[JobRef, dict[str, Target]]:
     """One hot job, cached; the reference key holds the same bytes; every target checked once."""
     client: Client = stack.clients[0]
@@ -57,6 +72,9 @@ def prepare(
         "conditional_304": Target(
             api_on.url(job.path), {**auth, "If-None-Match": etag}, 304, api_on.child.proc.pid
         ),
+        "raw_asgi_evalsha": Target(
+            f"http://127.0.0.1:{ref_evalsha.port}/", {}, 200, ref_evalsha.proc.pid
+        ),
     }
     for name, target in targets.items():
         status = stack.http.get(target.url, headers=target.headers).status_code
@@ -65,8 +83,17 @@ def prepare(
     return job, targets
 
 
-def measure(stack: Stack, cfg: Config, target: Target, *, seconds: float, name: str) -> Throughput:
+def measure(
+    stack: Stack,
+    cfg: Config,
+    target: Target,
+    *,
+    seconds: float,
+    name: str,
+    connections: int | None = None,
+) -> Throughput:
     """One load run, with the server's CPU time per request (steadier than req/s here)."""
+    connections = connections or cfg.wrk_connections
     cpu_before = group_cpu_seconds(target.server)
     result = throughput(
         target.url,
@@ -74,14 +101,30 @@ def measure(stack: Stack, cfg: Config, target: Target, *, seconds: float, name: 
         duration=seconds,
         workdir=stack.workdir / "wrk",
         name=name,
-        connections=cfg.wrk_connections,
-        threads=cfg.wrk_threads,
+        connections=connections,
+        threads=min(cfg.wrk_threads, connections),
     )
     cpu = group_cpu_seconds(target.server) - cpu_before
     return replace(result, server_cpu_us=1e6 * cpu / result.requests if result.requests else nan)
 
 
+def batch_counts(stack: Stack, target: Target) -> dict[str, float]:
+    """The API's batched-read counters (`renderwatch_cache_read_batches`, by size bucket,
+    and `renderwatch_cache_batched_reads`) from its /metrics."""
+    base = target.url.split("/api/", 1)[0]
+    text = stack.http.get(base + "/metrics").text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "renderwatch_cache_read_batches_total":
+                counts[sample.labels["size"]] = sample.value
+            elif sample.name == "renderwatch_cache_batched_reads_total":
+                counts["reads"] = sample.value
+    return counts
+
+
 def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]:
+    batches_before = batch_counts(stack, targets["cached_poll"])
     if cfg.hot_warmup_seconds > 0:
         for name, target in targets.items():
             measure(stack, cfg, target, seconds=cfg.hot_warmup_seconds, name=f"warm-{name}")
@@ -93,6 +136,26 @@ def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]
                 for name, target in targets.items()
             }
         )
+    sweep: dict[str, dict[str, dict[str, float]]] = {name: {} for name in SWEPT}
+    for clients in CONCURRENCY:
+        for name in SWEPT:
+            result = measure(
+                stack,
+                cfg,
+                targets[name],
+                seconds=cfg.hot_seconds,
+                name=f"{name}-c{clients}",
+                connections=clients,
+            )
+            sweep[name][str(clients)] = {
+                "rps": result.rps,
+                "p50_ms": result.p50_ms,
+                "p99_ms": result.p99_ms,
+                "server_cpu_us": result.server_cpu_us,
+            }
+    batches_after = batch_counts(stack, targets["cached_poll"])
+    batches = {k: batches_after.get(k, 0.0) - batches_before.get(k, 0.0) for k in batches_after}
+    calls = sum(v for k, v in batches.items() if k != "reads")
     table = {
         name: {
             "rps": median([r[name].rps for r in rounds]),
@@ -122,6 +185,15 @@ def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]
                 for r in rounds
             ]
         ),
+        "cached_vs_raw_asgi_evalsha": median(
+            [ratio(r["cached_poll"].rps, r["raw_asgi_evalsha"].rps) for r in rounds]
+        ),
+        "cpu_cached_vs_raw_asgi_evalsha": median(
+            [
+                ratio(r["cached_poll"].server_cpu_us, r["raw_asgi_evalsha"].server_cpu_us)
+                for r in rounds
+            ]
+        ),
         "304_vs_cached": median(
             [ratio(r["conditional_304"].rps, r["cached_poll"].rps) for r in rounds]
         ),
@@ -129,6 +201,12 @@ def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]
     return {
         "table": table,
         "ratios": ratios,
+        "concurrency": sweep,
+        "batches": {
+            "calls_by_size": {k: v for k, v in batches.items() if k != "reads"},
+            "reads": batches.get("reads", 0.0),
+            "mean": batches.get("reads", 0.0) / calls if calls else nan,
+        },
         "rounds": [{name: t.as_dict() for name, t in r.items()} for r in rounds],
         "tool": rounds[0]["const"].tool if rounds else "none",
         "params": {

@@ -1,9 +1,11 @@
 """Reference apps that set the ceiling the cached poll is compared with.
 
 (a) `const`: a bare FastAPI endpoint returning constant bytes (a job object's size);
-(b) `redis`: a bare FastAPI endpoint returning the bytes of one redis.asyncio GET.
-Both are served exactly like the API (uvicorn, uvloop + httptools, no access log):
-`python -m bench.refapps const|redis PORT`, with `BENCH_REDIS_URL` / `BENCH_REDIS_KEY`.
+(b) `redis`: a bare FastAPI endpoint returning the bytes of one redis.asyncio GET;
+`evalsha`: a raw ASGI app (no FastAPI) returning the bytes of one redis.asyncio EVALSHA
+(a one-line GET script), the floor of a cached poll that costs one script call.
+All are served exactly like the API (uvicorn, uvloop + httptools, no access log):
+`python -m bench.refapps const|redis|evalsha PORT`, with `BENCH_REDIS_URL` / `BENCH_REDIS_KEY`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Response
@@ -61,7 +64,48 @@ def create_redis_app() -> FastAPI:
     return app
 
 
-FACTORIES = {"const": "bench.refapps:create_const_app", "redis": "bench.refapps:create_redis_app"}
+GET_SCRIPT = "return redis.call('GET', KEYS[1])"
+
+
+class RawEvalshaApp:
+    """Raw ASGI: every GET answers the bytes of one EVALSHA (no routing, no framework)."""
+
+    def __init__(self) -> None:
+        self.url = os.environ["BENCH_REDIS_URL"]
+        self.key = os.environ["BENCH_REDIS_KEY"]
+        self.client: Redis | None = None
+        self.sha = ""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self.client = Redis.from_url(self.url, socket_timeout=1.0, max_connections=256)
+                    self.sha = await self.client.script_load(GET_SCRIPT)
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if self.client is not None:
+                        await self.client.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        assert self.client is not None
+        raw = await self.client.evalsha(self.sha, 1, self.key)
+        status, body = (200, raw) if raw is not None else (404, b"")
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_evalsha_app() -> RawEvalshaApp:
+    return RawEvalshaApp()
+
+
+FACTORIES = {
+    "const": "bench.refapps:create_const_app",
+    "redis": "bench.refapps:create_redis_app",
+    "evalsha": "bench.refapps:create_evalsha_app",
+}
 
 
 def serve(factory: str, port: int, workers: int = 1) -> None:

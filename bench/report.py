@@ -40,6 +40,10 @@ KEYS = (
     "recovery_seconds",
     "slowdb_db_reads",
     "slowdb_next_wave_hit_rate",
+    "rps_raw_asgi_evalsha",
+    "poll_batch_mean",
+    "p50_ms_cached_poll_1client",
+    "cpu_us_cached_poll",
 )
 
 
@@ -64,6 +68,12 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
         "recovery_seconds": results["outage"]["recovery_seconds"],
         **sse_figures(results),
         **section_figures("slowdb", results),
+        "rps_raw_asgi_evalsha": hot["raw_asgi_evalsha"]["rps"],
+        "poll_batch_mean": results["hotpath"]["batches"]["mean"],
+        "p50_ms_cached_poll_1client": results["hotpath"]["concurrency"]["cached_poll"]["1"][
+            "p50_ms"
+        ],
+        "cpu_us_cached_poll": hot["cached_poll"]["server_cpu_us"],
     }
 
 
@@ -399,8 +409,33 @@ def markdown(
                 ["req/s (b) / (a)", r["redis_passthrough_vs_const"], ""],
                 ["req/s (e) / (c)", r["304_vs_cached"], ""],
                 ["server CPU per request (c) / (b)", r["cpu_cached_vs_redis_passthrough"], ""],
+                ["req/s (c) / (r)", r["cached_vs_raw_asgi_evalsha"], ""],
+                ["server CPU per request (c) / (r)", r["cpu_cached_vs_raw_asgi_evalsha"], ""],
             ],
         ),
+        "",
+        "By concurrent clients (one run each, same section):",
+        "",
+        *_table(
+            ["endpoint", "clients", "req/s", "p50 (ms)", "p99 (ms)", "server CPU (µs)"],
+            [
+                [
+                    LABELS[name],
+                    int(n),
+                    row["rps"],
+                    row["p50_ms"],
+                    row["p99_ms"],
+                    row["server_cpu_us"],
+                ]
+                for name, by_n in hot["concurrency"].items()
+                for n, row in by_n.items()
+            ],
+        ),
+        "",
+        f"Batched cache reads of (c) over the section: mean {hot['batches']['mean']:.1f} reads "
+        "per Redis call; calls by batch size (power-of-two buckets): "
+        + ", ".join(f"{k}: {v:.0f}" for k, v in hot["batches"]["calls_by_size"].items() if v)
+        + ".",
     ]
     out += _fallbacks(hot)
     s = results["stampede"]

@@ -92,7 +92,13 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 if n != 1:
                     apis[n] = stack.launch_api(f"api-cache-on-{n}w", cache=True, workers=n)
             stack.wait_ready(*apis.values(), api_off, api_hung)
-            for ref in (ref_const, ref_redis):
+            ref_evalsha = group.start(
+                "ref-evalsha",
+                [PYTHON, "-m", "bench.refapps", "evalsha", str(port := free_port())],
+                env=base_env(BENCH_REDIS_URL=redis.url, BENCH_REDIS_KEY=REFERENCE_KEY),
+                port=port,
+            )
+            for ref in (ref_const, ref_redis, ref_evalsha):
                 assert ref.port is not None
                 wait_port(ref, ref.port)
             slowdb.ready(api_slow, slow_job)
@@ -108,6 +114,7 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 api_off=api_off,
                 ref_const=ref_const,
                 ref_redis=ref_redis,
+                ref_evalsha=ref_evalsha,
                 key=REFERENCE_KEY,
             )
             results["hotpath"] = section(

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     cache_stats_flush_seconds: float = Field(default=1.0, gt=0, le=3_600)
     # "No such job" is cached this long (a tombstone that a create or write overrides).
     cache_missing_ttl_seconds: int = Field(default=5, ge=1, le=3_600)
+    # The async poll sends the cache reads that arrive within one event-loop tick to
+    # Redis as one script call (README "Performance"); off: one call per read.
+    cache_read_batching: bool = True
 
     # The Celery broker (README "Choosing a broker"). Redis Sentinel (`sentinel://`): the
     # master's name (else `?master_name=` on the URL, or the service of a

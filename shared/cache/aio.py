@@ -18,6 +18,7 @@ busy, not silent: the request keeps waiting (hedging a burst would only load the
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from functools import partial
@@ -25,11 +26,12 @@ from typing import Any
 
 from anyio import to_thread
 from redis.asyncio import Redis as AsyncRedis
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from shared.cache import scripts
 from shared.cache.backend import _SHAS as SCRIPT_SHAS
-from shared.cache.backend import failure_of
+from shared.cache.backend import failure_of, split_batch
 from shared.cache.connection import async_client, renew_async
 from shared.cache.core import CachedJob, JobCache
 from shared.cache.errors import ErrorClass
@@ -65,8 +67,21 @@ def connect_async(url: str, *, socket_timeout: float, mode: Mode = "standalone")
 class AsyncJobReader:
     """`JobCache.get` for the event loop; writes and rare paths stay on `JobCache`."""
 
-    def __init__(self, cache: JobCache, client: AsyncRedis | None) -> None:
+    def __init__(
+        self,
+        cache: JobCache,
+        client: AsyncRedis | None,
+        *,
+        batching: bool = True,
+        split_by_slot: bool = False,
+    ) -> None:
         self.cache = cache
+        self.batching = batching
+        self.split_by_slot = split_by_slot
+        # Reads waiting for the next flush (one READ_JOBS call per event-loop tick).
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.client = client if cache.backend is not None else None
         self.sealer = cache.backend.sealer if cache.backend is not None else Sealer()
         self._outages_seen = cache.breaker.outages
@@ -77,7 +92,7 @@ class AsyncJobReader:
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """Like `JobCache.get`: None when missing or owned by another client."""
         job = (await self.read(job_id)).job
-        if job is None or (client_id is not None and job.view.client_id != client_id):
+        if job is None or (client_id is not None and job.client_id != client_id):
             return None
         return job
 
@@ -177,7 +192,7 @@ class AsyncJobReader:
             cache.policy.incarnation,
         )
         try:
-            raw = await self._evalsha(args)
+            raw = await (self._batched(args) if self.batching else self._evalsha(args))
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 # The script touches four keys: blaming the entry would drop a good value
@@ -208,6 +223,80 @@ class AsyncJobReader:
         self.client = renew_async(old)  # type: ignore[assignment]
         self._retired.append(old)
         self._spawn(self._retire(old))
+
+    def _batched(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """The READ_JOB reply for `args`, from one READ_JOBS call with the other reads that
+        arrive within this event-loop tick (README "Performance": batching).
+
+        The flush is scheduled with `call_soon`, never a timer: a lone read goes out on
+        the next loop iteration. Each read gets its own reply or its own exception, the
+        one a single READ_JOB would have raised; a failed call fails each of its reads.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((args, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._flush_scheduled = False
+        for group in self._groups(pending):
+            self.batch_sizes[len(group)] += 1
+            self._spawn(self._run_batch(group))
+
+    def _groups(
+        self, pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> list[list[tuple[tuple[Any, ...], asyncio.Future[Any]]]]:
+        """One group, or (on a Redis Cluster) one per hash slot: a script runs in one slot."""
+        if not self.split_by_slot:
+            return [pending]
+        slots: dict[int, list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
+        for read in pending:
+            slots.setdefault(key_slot(str(read[0][0]).encode()), []).append(read)
+        return list(slots.values())
+
+    async def _run_batch(self, group: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(group) == 1:
+                args, future = group[0]
+                outcomes: list[Any] = [await self._evalsha(args)]
+            else:
+                first = group[0][0]
+                keys = [key for args, _ in group for key in args[:READ_JOB_KEYS]]
+                argv = (first[5], first[6], *(args[4] for args, _ in group))
+                replies = await self._evalsha_script("read_jobs", scripts.READ_JOBS, keys, argv)
+                outcomes = split_batch(replies, len(group))
+        except BaseException as exc:
+            for _, future in group:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            if future.done():
+                continue  # its request was cancelled
+            if isinstance(outcome, ResponseError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _evalsha_script(
+        self, name: str, source: str, keys: list[Any], argv: tuple[Any, ...]
+    ) -> Any:
+        assert self.client is not None
+        try:
+            return await self.client.evalsha(SCRIPT_SHAS[name], len(keys), *keys, *argv)
+        except NoScriptError:
+            await self.client.script_load(source)
+            return await self.client.evalsha(SCRIPT_SHAS[name], len(keys), *keys, *argv)
 
     async def _evalsha(self, args: tuple[Any, ...]) -> Any:
         assert self.client is not None

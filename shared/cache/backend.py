@@ -73,6 +73,14 @@ def failure_of(exc: BaseException) -> Failed:
     return Failed(ErrorClass.UNAVAILABLE, exc)
 
 
+def split_batch(replies: Any, count: int) -> list[Any]:
+    """A READ_JOBS reply as one READ_JOB reply per read, or a `ResponseError` for a read
+    whose keys failed in Redis (raised by a single READ_JOB as that error)."""
+    if not isinstance(replies, list) or len(replies) != count:
+        raise ResponseError("READ_JOBS answered an unexpected shape")
+    return [ResponseError(_text(reply[1])) if int(reply[0]) == 3 else reply for reply in replies]
+
+
 def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
@@ -175,6 +183,27 @@ class RedisBackend:
         except CallFailed as failed:
             return failed.reply
         return self.read_reply(job_id, reply)
+
+    def read_jobs(
+        self, reads: Sequence[tuple[int, str]], lease_ms: int, incarnation: str
+    ) -> list[ReadReply]:
+        """`read_job` for several (job id, token) reads in one READ_JOBS call: each read's
+        answer is what `read_job` would have answered; a failed call fails every read."""
+        keys = [key for job_id, _ in reads for key in self._job_keys(job_id)]
+        argv = (lease_ms, incarnation, *(token for _, token in reads))
+        try:
+            (replies,) = self._run([("script", ("read_jobs", tuple(keys), argv))])
+        except CallFailed as failed:
+            return [failed.reply] * len(reads)
+        answers: list[ReadReply] = []
+        for (job_id, _), reply in zip(reads, split_batch(replies, len(reads)), strict=True):
+            if not isinstance(reply, ResponseError):
+                answers.append(self.read_reply(job_id, reply))
+            elif "WRONGTYPE" in str(reply):
+                answers.append(Foreign(self.read_job_culprit(job_id)))
+            else:
+                answers.append(failure_of(reply))
+        return answers
 
     def read_reply(self, job_id: int, reply: Any) -> ReadReply:
         """Decode a raw READ_JOB reply (also used by the asyncio reader)."""

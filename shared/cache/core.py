@@ -21,7 +21,9 @@ The cache never imports SQLAlchemy: loaders are callables handed in.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -72,6 +74,29 @@ RecentLoader = Callable[[datetime], list[tuple[int, str]]]
 T = TypeVar("T")
 
 __all__ = ["Backend", "CachePolicy", "CachedJob", "JobCache", "ReadResult", "as_dict"]
+
+
+class _LeaseTokens:
+    """Unique lease tokens without a `secrets` call per read.
+
+    A token only has to differ from every other reader's (the lease script compares
+    it with the holder's): a random per-process prefix and a counter do that. A forked
+    child draws a fresh prefix, so a worker never reuses its parent's tokens.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._next = itertools.count().__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():x}"
+
+
+lease_token = _LeaseTokens()
+os.register_at_fork(after_in_child=lease_token.reset)
 
 
 class Backend(Protocol):
@@ -326,7 +351,7 @@ class JobCache:
     def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """The job (None if missing, or owned by another client when `client_id` is given)."""
         job = self.read(job_id).job
-        if job is None or (client_id is not None and job.view.client_id != client_id):
+        if job is None or (client_id is not None and job.client_id != client_id):
             return None
         return job
 
@@ -345,11 +370,19 @@ class JobCache:
         """The sans-IO read of `job_id` (for drivers)."""
         return read_job(
             job_id,
-            token=secrets.token_hex(8),
+            token=lease_token(),
             gate=self.gate,
-            policy=self.policy.read_policy,
+            policy=self._read_policy(),
             clock=self._clock,
         )
+
+    def _read_policy(self) -> ReadPolicy:
+        """`policy.read_policy`, built once per policy (not once per read)."""
+        cached = self.__dict__.get("_read_policy_of")
+        if cached is None or cached[0] is not self.policy:
+            cached = (self.policy, self.policy.read_policy)
+            self.__dict__["_read_policy_of"] = cached
+        return cached[1]
 
     def _from_db(self, job_id: int) -> CachedJob | None:
         view = self._load_job(job_id)

@@ -34,28 +34,71 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+import orjson
 
 from shared.cache.breaker import CircuitBreaker, Ticket
 from shared.cache.errors import ErrorClass
 from shared.cache.stats import PendingCounts
-from shared.schemas import JobView
+from shared.schemas import FINISHED_STATUSES, JobView
 
 logger = logging.getLogger("shared.cache.redis_cache")
 
 TOMBSTONE = b""
 
 
-@dataclass(frozen=True, slots=True)
 class CachedJob:
-    """A job as served: the validated view and the exact JSON bytes to send."""
+    """A job as served: the exact JSON bytes to send, and the fields a poll needs.
 
-    view: JobView
-    body: bytes
+    A hit is served from its sealed bytes without validating the whole job: the seal
+    says this cache wrote exactly these bytes (from a validated `JobView`) at this key,
+    so one JSON parse for `job_id`, `client_id` and `version` is enough for ownership
+    and the ETag. The full `view` is validated on first use (README "The cache and its
+    guarantees").
+    """
+
+    __slots__ = ("_view", "body", "client_id", "finished", "job_id", "version")
+
+    def __init__(
+        self,
+        view: JobView | None = None,
+        body: bytes = b"",
+        *,
+        job_id: int = 0,
+        client_id: str = "",
+        version: int = 0,
+        finished: bool = False,
+    ) -> None:
+        self.body = body
+        self._view = view
+        if view is not None:
+            job_id, client_id, version = view.job_id, view.client_id, view.version
+            finished = view.finished
+        self.job_id = job_id
+        self.client_id = client_id
+        self.version = version
+        # Finished jobs never change: their answers carry no poll-interval hint.
+        self.finished = finished
 
     @classmethod
     def of(cls, view: JobView) -> CachedJob:
         return cls(view=view, body=view.to_json())
+
+    @property
+    def view(self) -> JobView:
+        if self._view is None:
+            self._view = JobView.model_validate_json(self.body)
+        return self._view
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CachedJob):
+            return NotImplemented
+        return self.body == other.body
+
+    def __hash__(self) -> int:
+        return hash(self.body)
+
+    def __repr__(self) -> str:
+        return f"CachedJob(job_id={self.job_id}, version={self.version}, body={self.body!r})"
 
 
 # -- effects (what the core asks a driver to do) -----------------------------------------------
@@ -284,15 +327,30 @@ class ReadPolicy:
 
 
 def decode(job_id: int, raw: bytes) -> CachedJob | None:
-    """A hit's bytes as a job of `job_id`, or None if they are not one."""
-    try:
-        view = JobView.model_validate_json(raw)
-    except ValidationError:
-        return None
-    if view.job_id != job_id:
-        return None
-    return CachedJob(view=view, body=raw)
+    """A sealed hit's bytes as a job of `job_id`, or None if they are not one.
 
+    Only the fields a poll reads are checked here (see `CachedJob`); the bytes were
+    sealed by this cache after full validation.
+    """
+    try:
+        fields = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(fields) is not dict:
+        return None
+    found, client_id, version = fields.get("job_id"), fields.get("client_id"), fields.get("version")
+    status = fields.get("status")
+    if type(found) is not int or found != job_id:
+        return None
+    if type(client_id) is not str or type(version) is not int:
+        return None
+    finished = status in _FINISHED
+    return CachedJob(
+        body=raw, job_id=job_id, client_id=client_id, version=version, finished=finished
+    )
+
+
+_FINISHED = frozenset(status.value for status in FINISHED_STATUSES)
 
 ReadMachine = Generator[Effect, Any, ReadResult]
 

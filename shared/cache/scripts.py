@@ -34,6 +34,42 @@ end
 return {2, redis.call('PTTL', KEYS[2])}
 """
 
+# READ_JOB for several jobs in one call (the asyncio reader batches the reads that arrive
+# within one event-loop tick). Each job is read exactly as READ_JOB reads it; an error on
+# one job's keys (e.g. WRONGTYPE) is that job's answer only, never the others'.
+# KEYS: entry, lease, seal, floor of job 1, then of job 2, ...
+# ARGV: lease ms, incarnation, lease token of job 1, of job 2, ...
+# Returns one READ_JOB answer per job, or {3, error message} for a job whose read failed.
+READ_JOBS = """
+local out = {}
+for i = 1, #ARGV - 2 do
+  local k = (i - 1) * 4
+  local ok, r = pcall(function()
+    local v = redis.call('GET', KEYS[k + 1])
+    if v then
+      local inc = redis.call('HGET', KEYS[k + 4], 'inc')
+      if (not inc) or inc == ARGV[2] then
+        return {0, v, redis.call('GET', KEYS[k + 3])}
+      end
+    end
+    local holder = redis.call('GET', KEYS[k + 2])
+    if holder == ARGV[i + 2] or
+        ((not holder) and redis.call('SET', KEYS[k + 2], ARGV[i + 2], 'PX', ARGV[1])) then
+      return {1, redis.call('HGET', KEYS[k + 4], 'rev') or '0'}
+    end
+    return {2, redis.call('PTTL', KEYS[k + 2])}
+  end)
+  if ok then
+    out[i] = r
+  elseif type(r) == 'table' and r.err then
+    out[i] = {3, r.err}
+  else
+    out[i] = {3, tostring(r)}
+  end
+end
+return out
+"""
+
 # A reader's fill after its DB read, with or without its lease still held (a late fill,
 # after a DB read slower than the lease, is fine). Stored when no write or invalidation
 # revoked the lease since it was taken (rev), and the
@@ -158,6 +194,7 @@ return {1, reset}
 
 ALL = {
     "read_job": READ_JOB,
+    "read_jobs": READ_JOBS,
     "fill_job": FILL_JOB,
     "write_job": WRITE_JOB,
     "drop_job": DROP_JOB,

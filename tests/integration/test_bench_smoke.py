@@ -43,6 +43,10 @@ KEYS = (
     "sse_cpu_ratio_vs_poll",
     "slowdb_db_reads",
     "slowdb_next_wave_hit_rate",
+    "rps_raw_asgi_evalsha",
+    "poll_batch_mean",
+    "p50_ms_cached_poll_1client",
+    "cpu_us_cached_poll",
 )
 
 

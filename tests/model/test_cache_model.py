@@ -22,6 +22,7 @@ a long randomized budget.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,6 +108,7 @@ class FaultyBackend:
     RESULT_METHODS = frozenset(
         {
             "read_job",
+            "read_jobs",
             "fill_job",
             "fill_missing",
             "write_job",
@@ -146,7 +148,7 @@ class FaultyBackend:
             failed, applied = fault
             if applied:
                 method(*args, **kwargs)
-            if name == "flush_stats":
+            if name in ("flush_stats", "read_jobs"):
                 return [failed] * len(args[0])
             if name in self.RESULT_METHODS:
                 return failed
@@ -343,6 +345,59 @@ class CacheModel(RuleBasedStateMachine):
                 self.lease_granted.pop(effect.job_id, None)
                 self._free_lease_period(effect.job_id)
         self._advance(reader, reply)
+
+    @precondition(lambda self: any(isinstance(r.effect, ReadEntry) for r in self.readers))
+    @rule(cache=st.integers(0, 1), picks=st.sets(st.integers(0, 7), min_size=1))
+    def batch_waiting_reads(self, cache: int, picks: set[int]) -> None:
+        """The asyncio reader's batching: some of one process's waiting reads (which ones
+        is Hypothesis's choice) go to Redis as one READ_JOBS call."""
+        waiting = [
+            r
+            for r in self.readers
+            if isinstance(r.effect, ReadEntry) and r.cache is self.caches[cache]
+        ]
+        if waiting:
+            self._batch(
+                list({id(r): r for r in (waiting[i % len(waiting)] for i in picks)}.values())
+            )
+
+    @precondition(lambda self: sum(r.result is None for r in self.readers) < 4)
+    @rule(
+        cache=st.integers(0, 1),
+        reads=st.lists(
+            st.tuples(st.sampled_from((*JOBS, 9)), st.sampled_from(CLIENTS)), min_size=2, max_size=5
+        ),
+        cuts=st.sets(st.integers(1, 4)),
+    )
+    def batched_reads(self, cache: int, reads: list[tuple[int, str]], cuts: set[int]) -> None:
+        """Reads that start in one event-loop tick, cut into batches where Hypothesis says;
+        what follows their first Redis read is stepped like any other read."""
+        started = []
+        for job_id, client in reads:
+            self.start_read(cache, job_id, client)
+            if isinstance(self.readers[-1].effect, ReadEntry):
+                started.append(self.readers[-1])
+        edges = [0, *sorted(c for c in cuts if c < len(started)), len(started)]
+        for low, high in itertools.pairwise(edges):
+            if high > low:
+                self._batch(started[low:high])
+
+    def _batch(self, batch: list[Reader]) -> None:
+        policy = batch[0].cache.policy
+        backend = batch[0].cache.backend
+        assert backend is not None
+        effects = [r.effect for r in batch]
+        reads = []
+        for effect in effects:
+            assert isinstance(effect, ReadEntry)
+            reads.append((effect.job_id, effect.token))
+        replies = backend.read_jobs(reads, policy.lease_ms, policy.incarnation)  # type: ignore[attr-defined]
+        assert len(replies) == len(batch)
+        for reader, (job_id, _), reply in zip(batch, reads, replies, strict=True):
+            reader.holds_lease = isinstance(reply, Lease)
+            if reader.holds_lease:
+                self.lease_granted.setdefault(job_id, self.clock.now)
+            self._advance(reader, reply)
 
     def _finished(self, reader: Reader) -> None:
         result = reader.result

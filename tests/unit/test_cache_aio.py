@@ -7,10 +7,12 @@ from unittest import mock
 
 import fakeredis
 import pytest
+import redis
 
 from shared import jobs
 from shared.cache.aio import AsyncJobReader
 from shared.cache.breaker import State
+from shared.cache.machine import Source, Why
 from shared.db import build_engine, build_session_factory
 from shared.runtime import build_cache
 
@@ -165,3 +167,46 @@ def test_a_slow_redis_is_hedged_by_the_db_and_the_breaker_waits_for_the_timeout(
     assert loader.call_count == 1
     stats = cache.stats()["statistics"]
     assert (stats["hits"], stats["misses"], stats["errors"]) == (0, 1, 1)
+
+
+def test_a_failed_batch_degrades_each_read_to_the_database(world):
+    cache, server, _, view, loader = world
+
+    async def main():
+        client = fakeredis.FakeAsyncRedis(server=server)
+        reader = AsyncJobReader(cache, client)
+
+        async def refused(*args, **kwargs):
+            raise redis.exceptions.ResponseError("OOM command not allowed")
+
+        client.evalsha = refused  # type: ignore[method-assign]
+        results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(5)))
+        await reader.close()
+        return results, reader.batch_sizes
+
+    results, sizes = run(main())
+    assert sizes[5] == 1  # the five reads went out as one call
+    assert [(r.source, r.why) for r in results] == [(Source.DATABASE, Why.FAILED)] * 5
+    assert all(r.job is not None and r.job.version == view.version for r in results)
+    assert loader.call_count == 5
+    cache.flush()
+    stats = cache.stats()["statistics"]
+    assert (stats["misses"], stats["errors"]) == (5, 5)
+
+
+def test_on_a_cluster_a_batch_is_split_by_hash_slot(world):
+    cache, server, _, view, _ = world
+    from redis.crc import key_slot
+
+    async def main():
+        reader = AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server), split_by_slot=True)
+        ids = [view.job_id, view.job_id, view.job_id + 1, view.job_id + 2]
+        await asyncio.gather(*(reader.read(j) for j in ids))
+        await reader.close()
+        return ids, reader.batch_sizes
+
+    ids, sizes = run(main())
+    slots = {key_slot(cache.keys.job(j).encode()) for j in ids}
+    assert len(slots) == 3
+    assert sum(sizes.values()) >= 3  # one batch per slot at least
+    assert sizes[2] >= 1  # the two reads of one job shared a batch
