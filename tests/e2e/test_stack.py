@@ -66,6 +66,23 @@ def statistics(http: httpx.Client, key: str) -> dict[str, Any]:
     return stats
 
 
+def settled_statistics(http: httpx.Client, key: str, *, timeout: float = 15.0) -> dict[str, Any]:
+    """The global statistics once every process has flushed its counts.
+
+    Each process counts locally and flushes to Redis at least every
+    CACHE_STATS_FLUSH_SECONDS (1 s): two answers 1.5 s apart that agree mean no count was
+    still on its way. Bounded: an answer that keeps moving fails the test."""
+    deadline = time.monotonic() + timeout
+    last = statistics(http, key)
+    while True:
+        time.sleep(1.5)
+        now = statistics(http, key)
+        if now["hits"] + now["misses"] == last["hits"] + last["misses"]:
+            return now
+        assert time.monotonic() < deadline, f"statistics still moving after {timeout}s"
+        last = now
+
+
 @dataclass
 class Rendered:
     """Jobs submitted by several clients and polled to the end, with the polls it took.
@@ -132,13 +149,13 @@ def rendered(stack: RunningStack) -> Rendered:
         for n in range(JOBS):
             client = CLIENTS[n % len(CLIENTS)]
             mine[client].append(submit(http, keys[client], n))
-        stats_before = statistics(http, keys[CLIENTS[0]])
+        stats_before = settled_statistics(http, keys[CLIENTS[0]])
     with ThreadPoolExecutor(len(CLIENTS)) as pool:
         results = list(
             pool.map(lambda client: poll_until_done(stack, keys[client], mine[client]), CLIENTS)
         )
     with stack.http() as http:
-        stats_after = statistics(http, keys[CLIENTS[0]])
+        stats_after = settled_statistics(http, keys[CLIENTS[0]])
     finals = {job_id: job for _, done in results for job_id, job in done.items()}
     owner = {job_id: client for client, ids in mine.items() for job_id in ids}
     first = CLIENTS[0]
@@ -185,7 +202,7 @@ def test_every_poll_is_one_cache_read_counted_exactly(
     # processes; the counters are global, so the sum is still exact.
     reads = 40
     with stack.http() as http:
-        start = statistics(http, rendered.key)
+        start = settled_statistics(http, rendered.key)
         for n in range(reads):
             job_id = rendered.all_job_ids[n % len(rendered.all_job_ids)]
             key = rendered.keys[rendered.owner[job_id]]
@@ -193,7 +210,7 @@ def test_every_poll_is_one_cache_read_counted_exactly(
                 f"/api/v2/jobs/{job_id}", headers={**bearer(key), "Connection": "close"}
             )
             assert response.status_code == 200
-        end = statistics(http, rendered.key)
+        end = settled_statistics(http, rendered.key)
     assert (end["hits"] + end["misses"]) - (start["hits"] + start["misses"]) == reads
     assert end["total_requests"] - start["total_requests"] == reads
     # Finished jobs were cached on their last write: these polls were hits.
