@@ -103,7 +103,7 @@ def start_services(
             runtime.cache,
             async_redis(settings, redis_client),
             batching=settings.cache_read_batching,
-            split_by_slot=settings.redis_mode == "cluster",
+            split_by_slot=redis_is_cluster(settings),
         )
         metrics.watch_batches(reader.batch_sizes)
         hub = Hub(
@@ -145,6 +145,16 @@ def async_redis(settings: Settings, redis_client: Any) -> Any:
     return connect_async(
         settings.redis_url, socket_timeout=settings.redis_socket_timeout, mode=settings.redis_mode
     )
+
+
+def redis_is_cluster(settings: Settings) -> bool:
+    """Whether REDIS_URL names a Redis Cluster (`redis+cluster://`, or REDIS_MODE=cluster):
+    then a batch of reads is split by hash slot."""
+    if not settings.redis_url:
+        return False
+    from shared.cache.redis_url import parse_redis_url
+
+    return parse_redis_url(settings.redis_url, settings.redis_mode).mode == "cluster"
 
 
 def subscription_client(settings: Settings, redis_client: Any) -> Callable[[], Any] | None:

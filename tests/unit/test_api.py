@@ -991,3 +991,18 @@ def test_python_m_api_runs_uvicorn_in_factory_mode(monkeypatch, make_settings):
     assert (kwargs["host"], kwargs["port"], kwargs["workers"]) == ("0.0.0.0", 8123, 3)
     assert kwargs["access_log"] is False
     assert kwargs["log_config"]["root"]["level"] == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("url", "mode", "cluster"),
+    [
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "standalone", True),
+        ("redis://127.0.0.1:7000", "cluster", True),
+        ("redis://127.0.0.1:6379/0", "standalone", False),
+        ("", "standalone", False),
+    ],
+)
+def test_batched_reads_are_split_by_slot_on_any_cluster_url(make_settings, url, mode, cluster):
+    from api.app import redis_is_cluster
+
+    assert redis_is_cluster(make_settings(redis_url=url, redis_mode=mode)) is cluster
