@@ -183,6 +183,8 @@ def test_jobs_submitted_over_http_render_to_succeeded(rendered: Rendered) -> Non
             "scenes_completed": SCENES,
             "scenes_total": SCENES,
             "percent": 100.0,
+            # A finished job has nothing left to estimate.
+            "eta_seconds": None,
         }
         assert job["error"] is None
         # Every stage and scene was a versioned write: far more than the first version.
