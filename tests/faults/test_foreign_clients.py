@@ -70,9 +70,23 @@ class World:
         self.redis.delete(self.keys.job(job_id), self.keys.lease(job_id))
 
     def hits(self) -> int:
-        with self.http() as http:
-            stats = http.get("/api/v2/cache/stats", headers=self.a.headers).json()
-        return int(stats["statistics"]["hits"])
+        """Global hits once every API process has flushed its counts (each flushes at least
+        every CACHE_STATS_FLUSH_SECONDS, 1 s): two answers 1.5 s apart agree. Bounded."""
+
+        def read() -> int:
+            with self.http() as http:
+                stats = http.get("/api/v2/cache/stats", headers=self.a.headers).json()
+            return int(stats["statistics"]["hits"])
+
+        deadline = time.monotonic() + 15
+        last = read()
+        while True:
+            time.sleep(1.5)
+            now = read()
+            if now == last:
+                return now
+            assert time.monotonic() < deadline, "the statistics kept moving for 15 s"
+            last = now
 
     def cancel_flags(self) -> dict[int, tuple[str, bool]]:
         with build_session_factory(self.engine)() as session:
