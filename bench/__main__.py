@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bench.config import FULL, QUICK
-from bench.run import ALONE, main
+from bench.run import ALONE, SECTIONS, main
 from bench.services import DEFAULT_PG_ADMIN_URL
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,7 +29,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=ALONE,
         help="run this one section alone and merge its figures into --output's latest.*",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--sections",
+        type=lambda text: frozenset(text.split(",")),
+        help=f"developers: only these sections ({','.join(SECTIONS)}), comma-separated; "
+        "prints their raw figures and leaves latest.* alone",
+    )
+    args = parser.parse_args(argv)
+    if args.sections is not None and not args.sections <= set(SECTIONS):
+        parser.error(f"--sections takes names among {', '.join(SECTIONS)}")
+    return args
 
 
 if __name__ == "__main__":
@@ -44,5 +53,6 @@ if __name__ == "__main__":
             keep=args.keep,
             command=command,
             only=args.only,
+            sections=args.sections,
         )
     )

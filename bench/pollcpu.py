@@ -110,7 +110,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
             results = {"cpu_us_per_poll": median(cpu), "rounds": cpu, "statuses": statuses}
             if profile is not None:
                 out = io.StringIO()
-                pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
+                pstats.Stats(profile, stream=out).sort_stats(args.sort).print_stats(args.lines)
                 results["profile"] = out.getvalue()
     finally:
         client_ = redis.Redis.from_url(args.redis_url)
@@ -129,6 +129,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--setting", action="append", default=[], help="NAME=VALUE")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="profile order (pstats key)")
+    parser.add_argument("--lines", type=int, default=25, help="profile rows shown")
     args = parser.parse_args(argv)
     try:
         import uvloop

@@ -56,9 +56,19 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
-    """Every section, in one run, on services created for it and removed after it."""
+SECTIONS = ("poll", "hotpath", "stampede", "writepath", "outage", "scale", "sse", "slowdb")
+
+
+def measure(
+    cfg: Config, *, pg_admin_url: str, workdir: Path, sections: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """Every section (or only `sections`), in one run, on services created for it and
+    removed after it."""
     results: dict[str, Any] = {"config": cfg.name}
+
+    def wanted(name: str) -> bool:
+        return sections is None or name in sections
+
     with private_database(pg_admin_url) as database_url, ProcessGroup(workdir / "logs") as group:
         log(f"private database {database_url.rsplit('/', 1)[-1]}")
         redis = start_redis(group, workdir / "redis")
@@ -88,7 +98,7 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
             api_slow = slowdb.launch(stack, cfg)
             # Started now, idle until section 6: their start-up overlaps the others'.
             apis = {1: api_on}
-            for n in cfg.scale_workers:
+            for n in cfg.scale_workers if wanted("scale") else ():
                 if n != 1:
                     apis[n] = stack.launch_api(f"api-cache-on-{n}w", cache=True, workers=n)
             stack.wait_ready(*apis.values(), api_off, api_hung)
@@ -103,11 +113,12 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 wait_port(ref, ref.port)
             slowdb.ready(api_slow, slow_job)
 
-            results["poll"] = section(
-                stack,
-                f"1. polling scenario ({cfg.poll_rounds} round(s) per column)",
-                lambda: poll.run(stack, cfg, api_off=api_off, api_on=api_on),
-            )
+            if wanted("poll"):
+                results["poll"] = section(
+                    stack,
+                    f"1. polling scenario ({cfg.poll_rounds} round(s) per column)",
+                    lambda: poll.run(stack, cfg, api_off=api_off, api_on=api_on),
+                )
             job, targets = hotpath.prepare(
                 stack,
                 api_on=api_on,
@@ -117,49 +128,59 @@ def measure(cfg: Config, *, pg_admin_url: str, workdir: Path) -> dict[str, Any]:
                 ref_evalsha=ref_evalsha,
                 key=REFERENCE_KEY,
             )
-            results["hotpath"] = section(
-                stack, "2. hot path", lambda: hotpath.run(stack, cfg, targets)
-            )
-            results["stampede"] = section(
-                stack, "3. stampede", lambda: stampede.run(stack, cfg, api_on=api_on, job=job)
-            )
-            results["writepath"] = section(
-                stack, "4. write path", lambda: writepath.run(stack, cfg)
-            )
-            refs = stack.make_jobs(8, scenes=5, clients=stack.clients[:1])
-            results["outage"] = section(
-                stack,
-                "5. Redis outage (private redis-server paused; hung TCP server)",
-                lambda: outage.run(
-                    stack, cfg, api_on=api_on, api_off=api_off, api_hung=api_hung, refs=refs
-                ),
-            )
+            if wanted("hotpath"):
+                results["hotpath"] = section(
+                    stack, "2. hot path", lambda: hotpath.run(stack, cfg, targets)
+                )
+            if wanted("stampede"):
+                results["stampede"] = section(
+                    stack,
+                    "3. stampede",
+                    lambda: stampede.run(stack, cfg, api_on=api_on, job=job),
+                )
+            if wanted("writepath"):
+                results["writepath"] = section(
+                    stack, "4. write path", lambda: writepath.run(stack, cfg)
+                )
+            if wanted("outage"):
+                refs = stack.make_jobs(8, scenes=5, clients=stack.clients[:1])
+                results["outage"] = section(
+                    stack,
+                    "5. Redis outage (private redis-server paused; hung TCP server)",
+                    lambda: outage.run(
+                        stack, cfg, api_on=api_on, api_off=api_off, api_hung=api_hung, refs=refs
+                    ),
+                )
             stack.stop_api(api_hung)
-            results["scale"] = section(
-                stack,
-                "6. scale",
-                lambda: {
-                    "workers": scale.workers_rps(stack, cfg, apis=apis, job=job),
-                    "db_line": scale.db_line(stack, cfg, api_on=api_on, api_off=api_off),
-                    "interval_s": cfg.scale_interval,
-                    "write_rate": cfg.scale_write_rate,
-                },
-            )
+            if wanted("scale"):
+                results["scale"] = section(
+                    stack,
+                    "6. scale",
+                    lambda: {
+                        "workers": scale.workers_rps(stack, cfg, apis=apis, job=job),
+                        "db_line": scale.db_line(stack, cfg, api_on=api_on, api_off=api_off),
+                        "interval_s": cfg.scale_interval,
+                        "write_rate": cfg.scale_write_rate,
+                    },
+                )
             for n, api in apis.items():
                 if n != 1:
                     stack.stop_api(api)
-            results["sse"] = section(
-                stack,
-                f"7. live progress: SSE streams {cfg.sse_streams} against polling at 1 s",
-                lambda: sse.run(stack, cfg),
-            )
-            results["slowdb"] = section(
-                stack,
-                f"8. slow database (every DB read +{cfg.slowdb_delay_ms} ms)",
-                lambda: slowdb.run(stack, cfg, api=api_slow, job=slow_job),
-            )
+            if wanted("sse"):
+                results["sse"] = section(
+                    stack,
+                    f"7. live progress: SSE streams {cfg.sse_streams} against polling at 1 s",
+                    lambda: sse.run(stack, cfg),
+                )
+            if wanted("slowdb"):
+                results["slowdb"] = section(
+                    stack,
+                    f"8. slow database (every DB read +{cfg.slowdb_delay_ms} ms)",
+                    lambda: slowdb.run(stack, cfg, api=api_slow, job=slow_job),
+                )
             stack.stop_api(api_slow)
-            results["machine"] = _machine(stack, runtime, tool=results["hotpath"]["tool"])
+            tool = results["hotpath"]["tool"] if "hotpath" in results else "none"
+            results["machine"] = _machine(stack, runtime, tool=tool)
         finally:
             stack.close()
     return results
@@ -200,6 +221,16 @@ def measure_alone(cfg: Config, name: str, *, pg_admin_url: str, workdir: Path) -
         finally:
             stack.close()
     return results
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    """A partial run's results without raw records (latencies, per-round wrk output)."""
+    return {
+        name: {k: v for k, v in section.items() if k not in ("latency_ms", "rounds")}
+        if isinstance(section, dict)
+        else section
+        for name, section in results.items()
+    }
 
 
 def _clean(value: Any) -> Any:
@@ -273,6 +304,7 @@ def main(
     keep: bool,
     command: str,
     only: str | None = None,
+    sections: frozenset[str] | None = None,
 ) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     if wrk_path() is None:
@@ -284,7 +316,11 @@ def main(
     started = time.monotonic()
     ok = False
     try:
-        if only is None:
+        if sections is not None:
+            # A developer's partial run: raw figures on stdout, latest.* left alone.
+            results = measure(cfg, pg_admin_url=pg_admin_url, workdir=workdir, sections=sections)
+            print(json.dumps(_clean(_summary(results)), indent=2))
+        elif only is None:
             results = measure(cfg, pg_admin_url=pg_admin_url, workdir=workdir)
             write(results, output, command=command)
         else:

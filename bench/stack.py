@@ -14,7 +14,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import redis
@@ -35,15 +35,26 @@ _DB_QUERIES = re.compile(rb"^renderwatch_db_queries_total\s+([0-9.eE+]+)", re.M)
 
 
 class CountingConnection(redis.Connection):
-    """Counts network round trips: one `send_packed_command` per command or pipeline."""
+    """Counts network round trips: one `send_packed_command` per command or pipeline,
+    in all (`sent`) and by the thread that sent it (`sent_by`: the statistics flusher's
+    round trips are not on the path of an update)."""
 
     lock = threading.Lock()
     sent = 0
+    sent_by: ClassVar[dict[int, int]] = {}
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        thread = threading.get_ident()
         with CountingConnection.lock:
             CountingConnection.sent += 1
+            CountingConnection.sent_by[thread] = CountingConnection.sent_by.get(thread, 0) + 1
         super().send_packed_command(command, check_health)
+
+    @classmethod
+    def sent_here(cls) -> int:
+        """Round trips sent by the calling thread."""
+        with cls.lock:
+            return cls.sent_by.get(threading.get_ident(), 0)
 
 
 @dataclass(frozen=True)

@@ -512,7 +512,14 @@ class JobCache:
         )
 
     def flush_due(self) -> bool:
-        """True (once) when counts wait and the last flush is `stats_flush_seconds` old."""
+        """True (once) when counts wait and the last flush is `stats_flush_seconds` old.
+
+        Never while the flusher thread runs (`start_flusher`, every API and worker
+        process): it flushes on the same period, so a piggybacked flush would only put a
+        second round trip on the path of the read or write that happened to trigger it.
+        """
+        if self._flusher is not None and self._flusher.is_alive():
+            return False
         now = self._clock()
         if now - self._last_flush < self.policy.stats_flush_seconds or not self._pending.due():
             return False

@@ -9,6 +9,7 @@ each call, as another process would hold) and `key_ns` (a private key namespace)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pickle
 import random
 import threading
@@ -691,6 +692,33 @@ class CacheContract:
         assert 25 <= h.client.ttl(h.keys.jobs(ALICE)) <= 30
 
     # -- lists ------------------------------------------------------------------------------------
+
+    def test_a_write_is_one_round_trip_when_statistics_are_due(self, make: Make) -> None:
+        """The flusher thread (every API and worker process runs one) sends the counts: a
+        write that finds them due does not carry them on its own round trip."""
+        h = make(recording=True)
+        client = h.client
+        assert isinstance(client, RecordingClient)
+        job = h.new_job()
+        steps = iter(STEPS)
+        assert h.cache.update_progress(job.job_id, next(steps)) is True  # scripts loaded
+        h.cache.flush()
+
+        def write_when_due() -> int:
+            h.cache._last_flush = float("-inf")  # the last flush was long ago
+            client.reset()
+            assert h.cache.update_progress(job.job_id, next(steps)) is True
+            return client.round_trips
+
+        # Without a flusher, the counts ride on the next Redis call: two round trips.
+        assert write_when_due() == 2
+        # A period far away: the flusher thread itself sends nothing during the test.
+        h.cache.policy = dataclasses.replace(h.cache.policy, stats_flush_seconds=3_600)
+        h.cache.start_flusher()
+        try:
+            assert write_when_due() == 1
+        finally:
+            h.cache.close()
 
     def test_list_invalidation_is_one_del_and_never_scans(self, make: Make) -> None:
         h = make(recording=True)
