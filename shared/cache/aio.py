@@ -8,11 +8,15 @@ synchronous `JobCache` (`machine.read_job`), driven by awaits. Everything rare (
 read, the fill, a drop, the breaker's repair probe) runs on the synchronous cache in a
 worker thread; the probe runs beside the request, never inside it.
 
-Hedged read: when Redis has given no answer at all (to any read of this reader) within
-`CachePolicy.hedge_ms`, the request reads the DB and answers from it; the late Redis
-answer still settles the breaker (which waits for the full socket timeout) and, if it
-granted the lease, fills with that DB row. A Redis that answers other reads meanwhile is
-busy, not silent: the request keeps waiting (hedging a burst would only load the DB).
+Hedged read (`CachePolicy.hedge_ms`), per batch: when a Redis call has given no answer
+within the delay and no other call of this reader was answered meanwhile (a silent Redis,
+not a busy one; an event loop running late is busy too), each read of that call answers
+from the DB; the late Redis answer still settles the breaker (which waits for the full
+socket timeout) and, where it granted a lease, fills with that DB row.
+
+DB reads that only answer a request (a failed or hedged read, an open breaker; not the
+lease holder's read, which fills) share one DB read per job when they overlap, but a read
+never joins a DB read that began before it did: it could miss a write that it must see.
 """
 
 from __future__ import annotations
@@ -56,6 +60,66 @@ from shared.schemas import JobView
 logger = logging.getLogger("shared.cache.redis_cache")
 
 READ_JOB_KEYS = 4  # entry, lease, seal, floor
+# At most this many reads per READ_JOBS call (a Lua script holds Redis while it runs).
+MAX_BATCH = 64
+
+
+class _Silent:
+    """A hedged read's outcome: Redis gave no answer in time; `late` gets the real one."""
+
+    __slots__ = ("late",)
+
+    def __init__(self, late: asyncio.Future[Any]) -> None:
+        self.late = late
+
+
+class _PendingRead:
+    """One read in a Redis call: what it awaits, and after a hedge, where its late
+    outcome goes."""
+
+    __slots__ = ("args", "future", "late")
+
+    def __init__(self, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        self.args = args
+        self.future = future
+        self.late: asyncio.Future[Any] | None = None
+
+    def hedge(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.late is None and not self.future.done():
+            self.late = loop.create_future()
+            self.future.set_result(_Silent(self.late))
+
+    def deliver(self, outcome: Any) -> None:
+        """The call's raw reply for this read, or the exception the read gets."""
+        target = self.late if self.late is not None else self.future
+        if target.done():
+            return  # its request was cancelled
+        if isinstance(outcome, asyncio.CancelledError):
+            target.cancel()
+        elif isinstance(outcome, Exception):
+            target.set_result(outcome)  # a value: the read turns it into a `Failed`
+        elif isinstance(outcome, BaseException):
+            target.set_exception(outcome)
+        else:
+            target.set_result(outcome)
+
+
+class _Timer:
+    """A call's hedge timer, re-armed while Redis is busy rather than silent."""
+
+    __slots__ = ("armed_at", "handle")
+
+    def __init__(self) -> None:
+        self.armed_at = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop, delay: float, callback: Any, *args: Any) -> None:
+        self.armed_at = loop.time()
+        self.handle = loop.call_later(delay, callback, *args)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 def connect_async(url: str, *, socket_timeout: float, mode: Mode = "standalone") -> Any:
@@ -79,7 +143,7 @@ class AsyncJobReader:
         self.batching = batching
         self.split_by_slot = split_by_slot
         # Reads waiting for the next flush (one READ_JOBS call per event-loop tick).
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._pending: list[_PendingRead] = []
         self._flush_scheduled = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.client = client if cache.backend is not None else None
@@ -88,6 +152,8 @@ class AsyncJobReader:
         self._background: set[asyncio.Task[Any]] = set()
         self._retired: list[AsyncRedis] = []
         self._last_answer = float("-inf")  # loop time of the last answer Redis gave
+        # DB reads in flight that answer requests only: job id -> (loop time begun, read).
+        self._loads: dict[int, tuple[float, asyncio.Future[JobView | None]]] = {}
 
     async def get(self, job_id: int, *, client_id: str | None = None) -> CachedJob | None:
         """Like `JobCache.get`: None when missing or owned by another client."""
@@ -102,11 +168,12 @@ class AsyncJobReader:
         if self.client is None:
             return await to_thread.run_sync(cache.read, job_id)
         machine = cache.machine(job_id)
+        started = asyncio.get_running_loop().time()
         reply: object = None
         try:
             while True:
                 effect = machine.send(reply)
-                reply = await self._perform(effect)
+                reply = await self._perform(effect, started)
         except StopIteration as stop:
             result = stop.value
         if cache.flush_due():
@@ -114,12 +181,14 @@ class AsyncJobReader:
         assert isinstance(result, ReadResult)
         return result
 
-    async def _perform(self, effect: Effect) -> object:
+    async def _perform(self, effect: Effect, started: float) -> object:
         cache = self.cache
         if isinstance(effect, ReadEntry):
-            return await self._read(effect)
+            return await self._read(effect, started)
         if isinstance(effect, LoadJob):
-            return await to_thread.run_sync(cache._load_job, effect.job_id)
+            if effect.fill:
+                return await to_thread.run_sync(cache._load_job, effect.job_id)
+            return await self._load(effect.job_id, started)
         if isinstance(effect, Sleep):
             await asyncio.sleep(effect.seconds)
             return None
@@ -130,28 +199,15 @@ class AsyncJobReader:
             return False
         return await to_thread.run_sync(cache._perform, effect)
 
-    async def _read(self, effect: ReadEntry) -> ReadReply:
-        hedge = self.cache.policy.hedge_ms
-        if hedge <= 0:
-            return await self._read_entry(effect)
-        task = asyncio.ensure_future(self._read_entry(effect))
-        loop = asyncio.get_running_loop()
-        while True:
-            waited_since = loop.time()
-            done, _ = await asyncio.wait({task}, timeout=hedge / 1000)
-            if task in done:
-                return task.result()
-            # Busy, not silent: other reads got answers meanwhile, or the event loop itself
-            # ran late (a burst queues on the loop and on Redis). Hedging then would only
-            # move load to the DB.
-            loop_late = loop.time() - waited_since > 2 * hedge / 1000
-            if self._last_answer < waited_since and not loop_late:
-                break
+    async def _read(self, effect: ReadEntry, started: float) -> ReadReply:
+        outcome = await self._submit(self._script_args(effect))
+        if not isinstance(outcome, _Silent):
+            return await self._reply(effect.job_id, outcome)
         # Redis is silent: answer from the DB; the late answer settles the breaker.
         loaded: asyncio.Future[JobView | None] = asyncio.get_running_loop().create_future()
-        self._spawn(self._settle_late(effect, task, loaded))
+        self._spawn(self._settle_late(effect, outcome.late, loaded))
         try:
-            view = await to_thread.run_sync(self.cache._load_job, effect.job_id)
+            view = await self._load(effect.job_id, started)
         except BaseException:
             loaded.cancel()
             raise
@@ -161,10 +217,11 @@ class AsyncJobReader:
     async def _settle_late(
         self,
         effect: ReadEntry,
-        task: asyncio.Future[ReadReply],
+        late: asyncio.Future[Any],
         loaded: asyncio.Future[JobView | None],
     ) -> None:
-        reply = await task
+        outcome = await late
+        reply = await self._reply(effect.job_id, outcome)
         self.cache.gate.settle(effect.ticket, reply)
         if isinstance(reply, Lease):
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,17 +229,28 @@ class AsyncJobReader:
                 fill = FillEntry(effect.job_id, effect.token, reply.rev, view)
                 await to_thread.run_sync(self.cache._perform, fill)
 
-    async def _read_entry(self, effect: ReadEntry) -> ReadReply:
-        """The READ_JOB script's answer as a result (see `backend.RedisBackend.read_job`)."""
+    async def _load(self, job_id: int, started: float) -> JobView | None:
+        """The job from the DB, sharing a DB read of the same job begun at or after
+        `started` (the read's own start): never one that may predate a write it must see."""
+        shared = self._loads.get(job_id)
+        if shared is None or shared[0] < started:
+            loop = asyncio.get_running_loop()
+            future = asyncio.ensure_future(to_thread.run_sync(self.cache._load_job, job_id))
+            shared = (loop.time(), future)
+            self._loads[job_id] = shared
+            future.add_done_callback(partial(self._load_done, job_id))
+        return await asyncio.shield(shared[1])
+
+    def _load_done(self, job_id: int, future: asyncio.Future[Any]) -> None:
+        shared = self._loads.get(job_id)
+        if shared is not None and shared[1] is future:
+            del self._loads[job_id]
+
+    def _script_args(self, effect: ReadEntry) -> tuple[Any, ...]:
         cache = self.cache
-        if cache.breaker.outages != self._outages_seen:
-            await self._drop_idle_connections()
-        assert self.client is not None
-        backend = cache.backend
-        assert backend is not None
         keys = cache.keys
         job_id = effect.job_id
-        args = (
+        return (
             keys.job(job_id),
             keys.lease(job_id),
             keys.seal(job_id),
@@ -191,22 +259,29 @@ class AsyncJobReader:
             cache.policy.lease_ms,
             cache.policy.incarnation,
         )
-        try:
-            raw = await (self._batched(args) if self.batching else self._evalsha(args))
-        except ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
+
+    async def _reply(self, job_id: int, outcome: Any) -> ReadReply:
+        """A READ_JOB outcome (its raw reply, or the exception it raised) as a result
+        (see `backend.RedisBackend.read_job`)."""
+        if not isinstance(outcome, BaseException):
+            backend = self.cache.backend
+            assert backend is not None
+            return backend.read_reply(job_id, outcome)
+        if isinstance(outcome, ResponseError):
+            if "WRONGTYPE" in str(outcome):
                 # The script touches four keys: blaming the entry would drop a good value
                 # and meet the foreign one again on every poll.
+                backend = self.cache.backend
+                assert backend is not None
                 return Foreign(await to_thread.run_sync(backend.read_job_culprit, job_id))
-            return failure_of(exc)
-        except (TimeoutError, RedisError, OSError) as exc:
-            return failure_of(exc)
-        except Exception as exc:  # noqa: BLE001 -- any client surprise is a failed call
-            return Failed(ErrorClass.UNAVAILABLE, exc)
-        self._last_answer = asyncio.get_running_loop().time()
-        return backend.read_reply(job_id, raw)
+            return failure_of(outcome)
+        if isinstance(outcome, TimeoutError | RedisError | OSError):
+            return failure_of(outcome)
+        if isinstance(outcome, Exception):  # any client surprise is a failed call
+            return Failed(ErrorClass.UNAVAILABLE, outcome)
+        raise outcome
 
-    async def _drop_idle_connections(self) -> None:
+    def _drop_idle_connections(self) -> None:
         """Forget pooled connections made before an outage (any path may have seen it).
 
         After Redis restarts, redis.asyncio's pool check does not notice that an idle
@@ -224,21 +299,26 @@ class AsyncJobReader:
         self._retired.append(old)
         self._spawn(self._retire(old))
 
-    def _batched(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """The READ_JOB reply for `args`, from one READ_JOBS call with the other reads that
-        arrive within this event-loop tick (README "Performance": batching).
+    def _submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """The READ_JOB outcome for `args` (its raw reply, or the exception it raised as a
+        value), or `_Silent` when the call is hedged.
 
-        The flush is scheduled with `call_soon`, never a timer: a lone read goes out on
-        the next loop iteration. Each read gets its own reply or its own exception, the
-        one a single READ_JOB would have raised; a failed call fails each of its reads.
+        With batching on, from one READ_JOBS call with the other reads that arrive within
+        this event-loop tick (README "Performance": batching). The flush is scheduled with
+        `call_soon`, never a timer: a lone read goes out on the next loop iteration.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((args, future))
+        cache = self.cache
+        if cache.breaker.outages != self._outages_seen:
+            self._drop_idle_connections()
+        read = _PendingRead(args, asyncio.get_running_loop().create_future())
+        if not self.batching:
+            self._spawn(self._run_batch([read]))
+            return read.future
+        self._pending.append(read)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return future
+            asyncio.get_running_loop().call_soon(self._flush)
+        return read.future
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -247,46 +327,64 @@ class AsyncJobReader:
             self.batch_sizes[len(group)] += 1
             self._spawn(self._run_batch(group))
 
-    def _groups(
-        self, pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
-    ) -> list[list[tuple[tuple[Any, ...], asyncio.Future[Any]]]]:
-        """One group, or (on a Redis Cluster) one per hash slot: a script runs in one slot."""
-        if not self.split_by_slot:
-            return [pending]
-        slots: dict[int, list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
-        for read in pending:
-            slots.setdefault(key_slot(str(read[0][0]).encode()), []).append(read)
-        return list(slots.values())
+    def _groups(self, pending: list[_PendingRead]) -> list[list[_PendingRead]]:
+        """Calls of at most MAX_BATCH reads, each (on a Redis Cluster) in one hash slot: a
+        script runs in one slot, and one huge script would hold Redis for every client."""
+        groups: list[list[_PendingRead]]
+        if self.split_by_slot:
+            slots: dict[int, list[_PendingRead]] = {}
+            for read in pending:
+                slots.setdefault(key_slot(str(read.args[0]).encode()), []).append(read)
+            groups = list(slots.values())
+        else:
+            groups = [pending]
+        return [
+            group[start : start + MAX_BATCH]
+            for group in groups
+            for start in range(0, len(group), MAX_BATCH)
+        ]
 
-    async def _run_batch(self, group: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _run_batch(self, group: list[_PendingRead]) -> None:
+        loop = asyncio.get_running_loop()
+        hedge = self.cache.policy.hedge_ms / 1000
+        timer = _Timer()
+        if hedge > 0:
+            timer.arm(loop, hedge, self._silence, group, timer)
         try:
             if len(group) == 1:
-                args, future = group[0]
-                outcomes: list[Any] = [await self._evalsha(args)]
+                outcomes: list[Any] = [await self._evalsha(group[0].args)]
             else:
-                first = group[0][0]
-                keys = [key for args, _ in group for key in args[:READ_JOB_KEYS]]
-                argv = (first[5], first[6], *(args[4] for args, _ in group))
+                first = group[0].args
+                keys = [key for read in group for key in read.args[:READ_JOB_KEYS]]
+                argv = (first[5], first[6], *(read.args[4] for read in group))
                 replies = await self._evalsha_script("read_jobs", scripts.READ_JOBS, keys, argv)
                 outcomes = split_batch(replies, len(group))
+            self._last_answer = loop.time()
         except BaseException as exc:
-            for _, future in group:
-                if future.done():
-                    continue
-                if isinstance(exc, asyncio.CancelledError):
-                    future.cancel()
-                else:
-                    future.set_exception(exc)
+            if isinstance(exc, ResponseError):
+                self._last_answer = loop.time()  # Redis answered, with an error
+            for read in group:
+                read.deliver(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), outcome in zip(group, outcomes, strict=True):
-            if future.done():
-                continue  # its request was cancelled
-            if isinstance(outcome, ResponseError):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+        finally:
+            timer.cancel()
+        for read, outcome in zip(group, outcomes, strict=True):
+            read.deliver(outcome)
+
+    def _silence(self, group: list[_PendingRead], timer: _Timer) -> None:
+        """The hedge delay passed without an answer to this call: hedge its reads, unless
+        Redis is busy rather than silent (another call was answered meanwhile, or the
+        event loop itself ran late: hedging would only move load to the DB)."""
+        loop = asyncio.get_running_loop()
+        hedge = self.cache.policy.hedge_ms / 1000
+        armed = timer.armed_at
+        if self._last_answer >= armed or loop.time() - armed > 2 * hedge:
+            timer.arm(loop, hedge, self._silence, group, timer)
+            return
+        for read in group:
+            read.hedge(loop)
 
     async def _evalsha_script(
         self, name: str, source: str, keys: list[Any], argv: tuple[Any, ...]

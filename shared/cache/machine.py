@@ -116,7 +116,12 @@ class ReadEntry:
 
 @dataclass(frozen=True, slots=True)
 class LoadJob:
+    """Read the job from the DB. `fill`: the row goes into the cache (the lease holder's
+    read); otherwise it only answers this read, and a driver may share one DB read
+    between such loads of the same job (never with a load started before this read)."""
+
     job_id: int
+    fill: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +403,7 @@ def read_job(
             gate.count("errors")
             yield from _redis(gate, DropKey(reply.key))
         elif isinstance(reply, Lease):
-            view = yield LoadJob(job_id)
+            view = yield LoadJob(job_id, fill=True)
             yield from _redis(gate, FillEntry(job_id, token, reply.rev, view))
             gate.count("misses")
             job = CachedJob.of(view) if view is not None else None

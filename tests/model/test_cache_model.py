@@ -171,6 +171,10 @@ class Reader:
     incarnation: str
     owner_at_start: str | None
     loads: int = 0
+    # The version committed in the database when the read started: an answer read from
+    # the database is never older, faults or not (the asyncio driver's shared DB reads).
+    db_floor: int = 0
+    start_no: int = 0  # the model's event count when the read started
     result: ReadResult | None = None
     holds_lease: bool = False
     lease_period: int = -1  # the lease period its lease belongs to
@@ -200,10 +204,12 @@ class World:
 class CacheModel(RuleBasedStateMachine):
     """Drives `JobCache`'s sans-IO core against a reference model (see module docstring)."""
 
-    @initialize(groups=st.sets(st.sampled_from(("faults", "plants", "restore", "time"))))
+    @initialize(groups=st.sets(st.sampled_from(("faults", "plants", "restore", "time", "share"))))
     def swarm(self, groups: set[str]) -> None:
         """Swarm testing: each example enables a subset of the disturbing rule groups, so
-        that plain interleavings of reads and writes are not drowned by faults."""
+        that plain interleavings of reads and writes are not drowned by faults. "share":
+        DB reads that only answer take the newest shareable row, as the asyncio driver
+        does (`share_db_read`)."""
         self.setup()
         self.groups = groups
 
@@ -231,6 +237,11 @@ class CacheModel(RuleBasedStateMachine):
         self.periods: dict[int, Period] = {j: Period() for j in JOBS}
         self.served = {"hits": 0, "misses": 0}
         self.db_loads = 0
+        # Events (read starts, DB reads) in order, and the DB reads that answer a request
+        # only (LoadJob(fill=False)): (cache, job, event number, row) -- what the asyncio
+        # driver lets overlapping reads share.
+        self.events = 0
+        self.answer_loads: list[tuple[JobCache, int, int, JobView | None]] = []
 
     def _cache(self) -> JobCache:
         inner = RedisBackend(fakeredis.FakeRedis(server=self.server), self.keys, self.sealer)
@@ -274,6 +285,7 @@ class CacheModel(RuleBasedStateMachine):
     def start_read(self, cache: int, job_id: int, client: str) -> None:
         machine = self.caches[cache].machine(job_id)
         owner = self.db.get(job_id)
+        self.events += 1
         reader = Reader(
             cache=self.caches[cache],
             job_id=job_id,
@@ -285,10 +297,24 @@ class CacheModel(RuleBasedStateMachine):
             faults_at_start=self.faults,
             incarnation=self.incarnation,
             owner_at_start=owner.client_id if owner else None,
+            db_floor=owner.version if owner else 0,
+            start_no=self.events,
         )
         reader.owners.add(reader.owner_at_start)
         self._advance(reader, None)
         self.readers.append(reader)
+
+    @precondition(
+        lambda self: "share" in self.groups and sum(r.result is None for r in self.readers) < 3
+    )
+    @rule(cache=st.integers(0, 1), job_id=JOB, client=st.sampled_from(CLIENTS))
+    def read_during_an_outage(self, cache: int, job_id: int, client: str) -> None:
+        """The process's breaker is open (an outage it saw): the read needs the DB only to
+        answer -- the reads whose DB reads the asyncio driver shares."""
+        if self.caches[cache].breaker.available:
+            self._fault()
+            self.caches[cache].breaker.failure(OSError("an outage this process saw"))
+        self.start_read(cache, job_id, client)
 
     @rule(
         cache=st.integers(0, 1),
@@ -322,12 +348,17 @@ class CacheModel(RuleBasedStateMachine):
         effect = reader.effect
         assert effect is not None
         cache = reader.cache
+        if "share" in self.groups and self.share_db_read(reader, -1):
+            return
         if isinstance(effect, LoadJob):
             reader.loads += 1
             period = self.periods.get(effect.job_id)
             if period is not None and reader.holds_lease and reader.lease_period == period.number:
                 period.loads += 1
             reply: object = self._load(effect.job_id)
+            if not effect.fill:
+                self.events += 1
+                self.answer_loads.append((cache, effect.job_id, self.events, reply))  # type: ignore[arg-type]
         elif isinstance(effect, Sleep):
             self._tick(effect.seconds)
             reply = None
@@ -345,6 +376,24 @@ class CacheModel(RuleBasedStateMachine):
                 self.lease_granted.pop(effect.job_id, None)
                 self._free_lease_period(effect.job_id)
         self._advance(reader, reply)
+
+    def share_db_read(self, reader: Reader, which: int) -> bool:
+        """The asyncio driver: a read that needs the DB only to answer takes the row of
+        another such DB read of the same job in the same process -- one begun after this
+        read started (`AsyncJobReader._load`; any of them may still be in flight, as far
+        as the model knows). False when there is none to share."""
+        effect = reader.effect
+        if not isinstance(effect, LoadJob) or effect.fill:
+            return False
+        shareable = [
+            row
+            for cache, job_id, number, row in self.answer_loads
+            if cache is reader.cache and job_id == reader.job_id and number >= reader.start_no
+        ]
+        if not shareable:
+            return False
+        self._advance(reader, shareable[which % len(shareable)])
+        return True
 
     @precondition(lambda self: any(isinstance(r.effect, ReadEntry) for r in self.readers))
     @rule(cache=st.integers(0, 1), picks=st.sets(st.integers(0, 7), min_size=1))
@@ -414,7 +463,13 @@ class CacheModel(RuleBasedStateMachine):
         assert job.view.job_id == reader.job_id
         owners = {*reader.owners, self.db[reader.job_id].client_id}
         assert job.view.client_id in owners, f"served {job.view.client_id}'s job to {owners}"
-        # 1. fresh after write.
+        # 1. fresh after write: an answer from the database is never older than what the
+        # database held when the read started; one from the cache, only without faults.
+        if result.source is Source.DATABASE and reader.incarnation == self.incarnation:
+            assert job.view.version >= reader.db_floor, (
+                f"read of job {reader.job_id} got v{job.view.version} from the database, "
+                f"which held v{reader.db_floor} when the read started"
+            )
         if (
             reader.incarnation == self.incarnation
             and self.faults == reader.faults_at_start
@@ -505,6 +560,13 @@ class CacheModel(RuleBasedStateMachine):
     def redis_error(self, cache: int, kind: str, applied: bool) -> None:
         self._fault()
         self.backends[-2 + cache].armed.append((kind, applied))
+
+    @precondition(lambda self: "faults" in self.groups)
+    @rule(cache=st.integers(0, 1))
+    def breaker_opens(self, cache: int) -> None:
+        """A process saw an outage: its reads answer from the DB until its probe."""
+        self._fault()
+        self.caches[cache].breaker.failure(OSError("an outage this process saw"))
 
     @precondition(lambda self: "faults" in self.groups)
     @rule()
@@ -666,3 +728,24 @@ def test_the_model_notices_a_served_foreign_job() -> None:
     )
     with pytest.raises(AssertionError):
         model._finished(reader)
+
+
+def test_the_model_notices_a_db_read_shared_with_a_later_read() -> None:
+    """The checker can fail: a read that starts after a commit and takes the row of a DB
+    read from before it (what `AsyncJobReader._load` must never do) trips invariant 1."""
+    model = CacheModel()
+    model.setup()
+    model.groups = set()
+    model.caches[0].breaker.failure(OSError("down"))  # open: reads answer from the DB
+    model.start_read(0, 1, "bob")
+    early = model.readers[-1]
+    assert isinstance(early.effect, LoadJob) and not early.effect.fill
+    model._step(early)  # its DB read: v1
+    model.commit(1, 0)  # v2 committed
+    model.start_read(0, 1, "bob")
+    late = model.readers[-1]
+    assert not model.share_db_read(late, 0)  # v1 is not shareable: begun before the read
+    # As if the driver shared a DB read begun before this read:
+    model.answer_loads = [(c, j, late.start_no, row) for c, j, _, row in model.answer_loads]
+    with pytest.raises(AssertionError, match="from the database"):
+        model.share_db_read(late, 0)

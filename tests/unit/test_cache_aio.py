@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from unittest import mock
 
 import fakeredis
@@ -15,22 +16,27 @@ from shared.cache.breaker import State
 from shared.cache.machine import Source, Why
 from shared.db import build_engine, build_session_factory
 from shared.runtime import build_cache
+from shared.schemas import ProgressUpdate
 
 
 @pytest.fixture
-def world(sqlite_url, make_settings):
+def sessions(sqlite_url):
+    engine = build_engine(sqlite_url)
+    yield build_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def world(sqlite_url, make_settings, sessions):
     server = fakeredis.FakeServer()
     sync_client = fakeredis.FakeRedis(server=server)
     settings = make_settings(database_url=sqlite_url, cache_namespace="aio")
-    engine = build_engine(settings.database_url)
-    sessions = build_session_factory(engine)
     cache = build_cache(settings, sessions, redis_client=sync_client)
     with sessions() as session:
         view = jobs.create_job(session=session, client_id="alice", prompt="p", scenes_total=4)
     loader = mock.Mock(wraps=cache._load_job)
     cache._load_job = loader
-    yield cache, server, sync_client, view, loader
-    engine.dispose()
+    return cache, server, sync_client, view, loader
 
 
 def run(coro):
@@ -169,8 +175,70 @@ def test_a_slow_redis_is_hedged_by_the_db_and_the_breaker_waits_for_the_timeout(
     assert (stats["hits"], stats["misses"], stats["errors"]) == (0, 1, 1)
 
 
-def test_a_failed_batch_degrades_each_read_to_the_database(world):
+class Delayed:
+    """A fakeredis client whose script calls answer after the given delays, in turn."""
+
+    def __init__(self, inner, delays):
+        self.inner, self.delays = inner, list(delays)
+
+    async def evalsha(self, *args):
+        delay = self.delays.pop(0) if self.delays else 0.0
+        await asyncio.sleep(delay)
+        return await self.inner.evalsha(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_silent_call_hedges_every_read_in_it_and_the_late_lease_still_fills(world):
+    """Hedging is per call: ten reads of one cold job in one silent call are all answered
+    from one DB read; the late answer (a lease) settles the breaker and fills."""
+    cache, server, sync_client, view, loader = world
+    object.__setattr__(cache.policy, "hedge_ms", 20)
+
+    async def main():
+        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.3]))
+        results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(10)))
+        await asyncio.gather(*reader._background)
+        await reader.close()
+        return results, reader.batch_sizes
+
+    results, sizes = run(main())
+    assert sizes[10] == 1
+    assert {(r.source, r.why) for r in results} == {(Source.DATABASE, Why.HEDGED)}
+    assert {r.job.version for r in results if r.job} == {view.version}
+    assert loader.call_count == 1  # one DB read for the call's ten reads of one job
+    assert cache.breaker.state is State.CLOSED  # Redis answered, late: not an outage
+    assert sync_client.get(cache.keys.job(view.job_id)) is not None  # the lease filled
+
+
+def test_a_busy_redis_is_not_hedged(world):
+    """A call without an answer while other calls of the reader are answered is waiting
+    on a busy Redis: it is not hedged (that would only move load to the database)."""
     cache, server, _, view, loader = world
+    object.__setattr__(cache.policy, "hedge_ms", 20)
+    asyncio.run(AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server)).get(view.job_id))
+    loader.reset_mock()
+
+    async def main():
+        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.2]))
+        slow = asyncio.ensure_future(reader.read(view.job_id))
+        for _ in range(25):  # other calls, answered at once, meanwhile
+            await asyncio.sleep(0.01)
+            assert (await reader.read(view.job_id)).why is Why.HIT
+        result = await slow
+        await reader.close()
+        return result
+
+    result = run(main())
+    assert (result.source, result.why) == (Source.CACHE, Why.HIT)
+    assert loader.call_count == 0
+
+
+def test_a_failed_batch_degrades_each_read_to_the_database(world, sessions):
+    cache, server, _, view, loader = world
+    with sessions() as session:
+        other = jobs.create_job(session=session, client_id="bob", prompt="p", scenes_total=4)
 
     async def main():
         client = fakeredis.FakeAsyncRedis(server=server)
@@ -180,18 +248,65 @@ def test_a_failed_batch_degrades_each_read_to_the_database(world):
             raise redis.exceptions.ResponseError("OOM command not allowed")
 
         client.evalsha = refused  # type: ignore[method-assign]
-        results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(5)))
+        ids = [view.job_id] * 5 + [other.job_id] * 3
+        results = await asyncio.gather(*(reader.read(job_id) for job_id in ids))
         await reader.close()
         return results, reader.batch_sizes
 
     results, sizes = run(main())
-    assert sizes[5] == 1  # the five reads went out as one call
-    assert [(r.source, r.why) for r in results] == [(Source.DATABASE, Why.FAILED)] * 5
-    assert all(r.job is not None and r.job.version == view.version for r in results)
-    assert loader.call_count == 5
+    assert sizes[8] == 1  # the eight reads went out as one call
+    assert [(r.source, r.why) for r in results] == [(Source.DATABASE, Why.FAILED)] * 8
+    assert [r.job.job_id for r in results if r.job] == [view.job_id] * 5 + [other.job_id] * 3
+    # Each read is answered from the DB; overlapping reads of one job share its DB read.
+    assert sorted(call.args[0] for call in loader.call_args_list) == [view.job_id, other.job_id]
     cache.flush()
     stats = cache.stats()["statistics"]
-    assert (stats["misses"], stats["errors"]) == (5, 5)
+    assert (stats["misses"], stats["errors"]) == (8, 8)
+
+
+def test_a_read_never_shares_a_db_read_begun_before_it(world, sessions):
+    """Fallback DB reads of one job are shared, but a read that starts after a write may
+    not join a DB read begun before that write (it would answer the older version)."""
+    cache, server, _, view, loader = world
+    release = threading.Event()
+
+    def slow_first(job_id):
+        with sessions() as session:
+            row = jobs.get_job(job_id, session=session)
+        release.wait(5)  # every DB read hangs, its row read, until the test lets them go
+        return row
+
+    loader.side_effect = slow_first
+
+    async def main():
+        client = fakeredis.FakeAsyncRedis(server=server)
+
+        async def refused(*args, **kwargs):
+            raise redis.exceptions.ResponseError("OOM command not allowed")
+
+        client.evalsha = refused  # type: ignore[method-assign]
+        reader = AsyncJobReader(cache, client)
+        first = asyncio.ensure_future(reader.read(view.job_id))
+        await asyncio.sleep(0.05)  # its DB read has begun, and hangs
+        with sessions() as session:  # v2, committed after that DB read began
+            update = ProgressUpdate.parse({"current_stage": "storyboard"})
+            assert jobs.update_job_progress(view.job_id, update, session=session)
+        # Two reads that start together fail together: the first to need the DB begins a
+        # DB read, the other joins it (it began after both reads did).
+        second = asyncio.ensure_future(reader.read(view.job_id))
+        third = asyncio.ensure_future(reader.read(view.job_id))
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(first, second, third)
+        await reader.close()
+        return results
+
+    first, second, third = run(main())
+    assert first.job is not None and first.job.version == view.version  # read before v2
+    assert first.job is not None and second.job is not None and third.job is not None
+    assert second.job.version == third.job.version == view.version + 1
+    assert loader.call_count == 2
+    assert first.why is second.why is third.why is Why.FAILED
 
 
 def test_on_a_cluster_a_batch_is_split_by_hash_slot(world):
