@@ -197,7 +197,7 @@ def test_a_silent_call_hedges_every_read_in_it_and_the_late_lease_still_fills(wo
     object.__setattr__(cache.policy, "hedge_ms", 20)
 
     async def main():
-        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.3]))
+        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.3]))  # type: ignore[arg-type]
         results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(10)))
         await asyncio.gather(*reader._background)
         await reader.close()
@@ -221,7 +221,7 @@ def test_a_busy_redis_is_not_hedged(world):
     loader.reset_mock()
 
     async def main():
-        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.2]))
+        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.2]))  # type: ignore[arg-type]
         slow = asyncio.ensure_future(reader.read(view.job_id))
         for _ in range(25):  # other calls, answered at once, meanwhile
             await asyncio.sleep(0.01)
