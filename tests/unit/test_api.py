@@ -7,6 +7,7 @@ already committed (read through a separate engine), and returns a fake task id.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -1006,3 +1007,19 @@ def test_batched_reads_are_split_by_slot_on_any_cluster_url(make_settings, url, 
     from api.app import redis_is_cluster
 
     assert redis_is_cluster(make_settings(redis_url=url, redis_mode=mode)) is cluster
+
+
+def test_fastapi_telemetry_is_off_unless_opentelemetry_is_configured(
+    make_settings, sqlite_url, monkeypatch
+):
+    """FastAPI asks per request whether OpenTelemetry is set up: skipped unless an OTEL_*
+    variable says it is (then FastAPI's own defaults apply)."""
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    settings = make_settings(database_url=sqlite_url, redis_url="")
+    plain = create_app(settings, enqueue=lambda job_id: "t")
+    assert not plain._native_telemetry.enabled()
+    assert plain._telemetry["tracing"] is False
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "renderwatch-api")
+    traced = create_app(settings, enqueue=lambda job_id: "t")
+    assert traced._telemetry["tracing"] is True
