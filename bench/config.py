@@ -49,6 +49,8 @@ class Config:
     sse_poll_clients: int = 500  # one of sse_streams: the clients compared
     sse_seconds: float = 10.0
     sse_write_rate: float = 10.0  # versions/s in total, over 100 jobs
+    # 5. Redis outage, rounds (each: cache off, paused, hung; medians of the rounds)
+    outage_rounds: int = 3
     # 8. slow database (every DB read of its API delayed this long)
     slowdb_rounds: int = 5
     slowdb_requests: int = 200
@@ -121,4 +123,5 @@ QUICK = Config(
     sse_poll_clients=50,
     sse_seconds=3.0,
     slowdb_rounds=1,
+    outage_rounds=1,
 )

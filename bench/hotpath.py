@@ -8,10 +8,15 @@ Then (b), (c) and (r) at 1, 8, 64 and 256 concurrent clients (p50/p99), and the 
 the cache's batched reads (README "Performance") over the section, from /metrics.
 The endpoints take turns within each round, so drift hits them all alike; the bench
 reports medians over rounds and the ratios of each round's figures.
+
+Placement (as in issue 12's measurement): on a machine of two or more CPUs, the server
+under load runs alone on CPU 0 while wrk (one thread) and Redis share CPU 1, so the
+figures compare what each server does with one core, not how the scheduler shared two.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from math import nan
 from typing import Any
@@ -19,7 +24,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.config import Config
-from bench.procs import Child, group_cpu_seconds
+from bench.procs import Child, can_pin, group_cpu_seconds, pin_group
 from bench.stack import Api, Client, JobRef, Stack
 from bench.stats import median, ratio
 from bench.wrk import Throughput, throughput
@@ -33,6 +38,7 @@ LABELS = {
     "raw_asgi_evalsha": "(r) raw ASGI, one redis.asyncio EVALSHA",
 }
 CONCURRENCY = (1, 8, 64, 256)
+SERVER_CPU, LOAD_CPU = 0, 1  # with can_pin(): the server alone; wrk and Redis together
 SWEPT = ("redis_passthrough", "cached_poll", "raw_asgi_evalsha")
 
 
@@ -94,23 +100,32 @@ def measure(
 ) -> Throughput:
     """One load run, with the server's CPU time per request (steadier than req/s here)."""
     connections = connections or cfg.wrk_connections
+    pinned = can_pin()
+    everywhere = os.sched_getaffinity(0) if pinned else set()
+    if pinned:
+        pin_group(target.server, {SERVER_CPU})
     cpu_before = group_cpu_seconds(target.server)
-    result = throughput(
-        target.url,
-        headers=target.headers,
-        duration=seconds,
-        workdir=stack.workdir / "wrk",
-        name=name,
-        connections=connections,
-        threads=min(cfg.wrk_threads, connections),
-    )
-    cpu = group_cpu_seconds(target.server) - cpu_before
+    try:
+        result = throughput(
+            target.url,
+            headers=target.headers,
+            duration=seconds,
+            workdir=stack.workdir / "wrk",
+            name=name,
+            connections=connections,
+            threads=1 if pinned else min(cfg.wrk_threads, connections),
+            cpus={LOAD_CPU} if pinned else None,
+        )
+        cpu = group_cpu_seconds(target.server) - cpu_before
+    finally:
+        if pinned:
+            pin_group(target.server, everywhere)
     return replace(result, server_cpu_us=1e6 * cpu / result.requests if result.requests else nan)
 
 
 def batch_counts(stack: Stack, target: Target) -> dict[str, float]:
     """The API's batched-read counters (`renderwatch_cache_read_batches`, by size bucket,
-    and `renderwatch_cache_batched_reads`) from its /metrics."""
+    and `renderwatch_cache_batched_reads`) and DB statements (`db_queries`) from /metrics."""
     base = target.url.split("/api/", 1)[0]
     text = stack.http.get(base + "/metrics").text
     counts: dict[str, float] = {}
@@ -120,10 +135,30 @@ def batch_counts(stack: Stack, target: Target) -> dict[str, float]:
                 counts[sample.labels["size"]] = sample.value
             elif sample.name == "renderwatch_cache_batched_reads_total":
                 counts["reads"] = sample.value
+            elif sample.name == "renderwatch_db_queries_total":
+                counts["db_queries"] = sample.value
     return counts
 
 
 def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]:
+    pinned = can_pin()
+    if pinned:
+        everywhere = os.sched_getaffinity(0)
+        pin_group(stack.redis.child.proc.pid, {LOAD_CPU})
+    try:
+        return _run(stack, cfg, targets) | {
+            "placement": (
+                f"server on CPU {SERVER_CPU}; wrk (1 thread) and Redis on CPU {LOAD_CPU}"
+                if pinned
+                else "unpinned"
+            )
+        }
+    finally:
+        if pinned:
+            pin_group(stack.redis.child.proc.pid, everywhere)
+
+
+def _run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]:
     batches_before = batch_counts(stack, targets["cached_poll"])
     if cfg.hot_warmup_seconds > 0:
         for name, target in targets.items():
@@ -155,6 +190,9 @@ def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]
             }
     batches_after = batch_counts(stack, targets["cached_poll"])
     batches = {k: batches_after.get(k, 0.0) - batches_before.get(k, 0.0) for k in batches_after}
+    # The hot job stays cached: a DB statement of (c)'s API during the section is a read
+    # that went to the database anyway (a hedge, a failed call).
+    db_queries = batches.pop("db_queries", nan)
     calls = sum(v for k, v in batches.items() if k != "reads")
     table = {
         name: {
@@ -207,6 +245,7 @@ def run(stack: Stack, cfg: Config, targets: dict[str, Target]) -> dict[str, Any]
             "reads": batches.get("reads", 0.0),
             "mean": batches.get("reads", 0.0) / calls if calls else nan,
         },
+        "db_queries_cached_api": db_queries,
         "rounds": [{name: t.as_dict() for name, t in r.items()} for r in rounds],
         "tool": rounds[0]["const"].tool if rounds else "none",
         "params": {

@@ -265,3 +265,26 @@ def group_cpu_seconds(pgid: int) -> float:
         if int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total / _TICKS
+
+
+def can_pin() -> bool:
+    """Whether the hot path can put the server on one CPU and the load on another."""
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def pin_group(pgid: int, cpus: set[int]) -> int:
+    """Move every thread of every process of a process group onto `cpus` (threads they
+    start later inherit it); returns how many threads moved."""
+    moved = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[2]) != pgid:
+            continue
+        for task in (stat.parent / "task").glob("[0-9]*"):
+            with contextlib.suppress(OSError):  # a thread that just ended
+                os.sched_setaffinity(int(task.name), cpus)
+                moved += 1
+    return moved

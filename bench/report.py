@@ -435,7 +435,8 @@ def markdown(
         f"Batched cache reads of (c) over the section: mean {hot['batches']['mean']:.1f} reads "
         "per Redis call; calls by batch size (power-of-two buckets): "
         + ", ".join(f"{k}: {v:.0f}" for k, v in hot["batches"]["calls_by_size"].items() if v)
-        + ".",
+        + f". DB statements of (c)'s API over the section (hedged or failed reads; the job "
+        f"stays cached): {_fmt(hot.get('db_queries_cached_api', float('nan')), 0)}.",
     ]
     out += _fallbacks(hot)
     s = results["stampede"]
@@ -487,6 +488,7 @@ def markdown(
         "",
         "## 5. Redis outage",
         "",
+        f"{o['params'].get('rounds', 1)} round(s), medians of the rounds (counts summed); "
         f"{o['params']['connections']} connections, one poll each every "
         f"{o['params']['interval_s'] * 1000:.0f} ms; Redis paused (CLIENT PAUSE ALL, private "
         f"server) for {o['params']['pause_s']:.0f} s mid-run; then an instance whose Redis is a "

@@ -224,9 +224,9 @@ def measure_alone(cfg: Config, name: str, *, pg_admin_url: str, workdir: Path) -
 
 
 def _summary(results: dict[str, Any]) -> dict[str, Any]:
-    """A partial run's results without raw records (latencies, per-round wrk output)."""
+    """A partial run's results without raw latencies."""
     return {
-        name: {k: v for k, v in section.items() if k not in ("latency_ms", "rounds")}
+        name: {k: v for k, v in section.items() if k != "latency_ms"}
         if isinstance(section, dict)
         else section
         for name, section in results.items()

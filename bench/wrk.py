@@ -89,9 +89,10 @@ def run_wrk(
     threads: int,
     workdir: Path,
     name: str,
+    cpus: set[int] | None = None,
 ) -> Throughput:
     """wrk against `url`; a Lua script sets the headers (once, no per-request hook) and
-    writes the results as JSON when the run is done."""
+    writes the results as JSON when the run is done. `cpus`: the CPUs wrk may run on."""
     binary = wrk_path()
     assert binary is not None
     workdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +121,7 @@ def run_wrk(
         text=True,
         timeout=seconds + 60,
         check=False,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     (workdir / f"{name}.wrk.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result.exists():
@@ -172,8 +174,9 @@ def throughput(
     name: str,
     connections: int = 64,
     threads: int = 2,
+    cpus: set[int] | None = None,
 ) -> Throughput:
-    """wrk when installed, else the Python generator."""
+    """wrk when installed (on `cpus` when given), else the Python generator."""
     if wrk_path() is not None:
         return run_wrk(
             url,
@@ -183,6 +186,7 @@ def throughput(
             threads=threads,
             workdir=workdir,
             name=name,
+            cpus=cpus,
         )
     return run_python(
         url,

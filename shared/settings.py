@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # PostgreSQL statement timeout of every query (0: none); the fill lease outlasts it.
     db_statement_timeout_ms: int = Field(default=2_000, ge=0, le=600_000)
     # The async poll reads the DB when Redis is silent for this long (0: no hedging).
-    cache_hedge_ms: int = Field(default=0, ge=0, le=10_000)
+    cache_hedge_ms: int = Field(default=10, ge=0, le=10_000)
     # Each process flushes its statistics to Redis at most this often (and periodically).
     cache_stats_flush_seconds: float = Field(default=1.0, gt=0, le=3_600)
     # "No such job" is cached this long (a tombstone that a create or write overrides).

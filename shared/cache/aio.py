@@ -12,7 +12,9 @@ Hedged read (`CachePolicy.hedge_ms`), per batch: when a Redis call has given no 
 within the delay and no other call of this reader was answered meanwhile (a silent Redis,
 not a busy one; an event loop running late is busy too), each read of that call answers
 from the DB; the late Redis answer still settles the breaker (which waits for the full
-socket timeout) and, where it granted a lease, fills with that DB row.
+socket timeout) and, where it granted a lease, fills with that DB row. Until Redis
+answers again (or the breaker changes state), new reads go to the DB without waiting
+the hedge delay: only the reads of the first silent call pay it.
 
 DB reads that only answer a request (a failed or hedged read, an open breaker; not the
 lease holder's read, which fills) share one DB read per job when they overlap, but a read
@@ -62,6 +64,9 @@ logger = logging.getLogger("shared.cache.redis_cache")
 READ_JOB_KEYS = 4  # entry, lease, seal, floor
 # At most this many reads per READ_JOBS call (a Lua script holds Redis while it runs).
 MAX_BATCH = 64
+# After a hedge, reads skip Redis while it stays silent, for at most this long: by then
+# the silent call's socket timeout has opened the breaker, or Redis answered.
+SILENCE_SECONDS = 1.0
 
 
 class _Silent:
@@ -152,6 +157,10 @@ class AsyncJobReader:
         self._background: set[asyncio.Task[Any]] = set()
         self._retired: list[AsyncRedis] = []
         self._last_answer = float("-inf")  # loop time of the last answer Redis gave
+        # Since when Redis is silent (a call hedged, nothing answered since), and the
+        # breaker's generation then (`_silent`).
+        self._silent_since: float | None = None
+        self._silent_generation = -1
         # DB reads in flight that answer requests only: job id -> (loop time begun, read).
         self._loads: dict[int, tuple[float, asyncio.Future[JobView | None]]] = {}
 
@@ -200,6 +209,10 @@ class AsyncJobReader:
         return await to_thread.run_sync(cache._perform, effect)
 
     async def _read(self, effect: ReadEntry, started: float) -> ReadReply:
+        if self._silent():
+            # A call of this reader has been silent past the hedge delay and Redis has
+            # answered nothing since: this read does not queue behind it either.
+            return Hedged(await self._load(effect.job_id, started))
         outcome = await self._submit(self._script_args(effect))
         if not isinstance(outcome, _Silent):
             return await self._reply(effect.job_id, outcome)
@@ -383,8 +396,22 @@ class AsyncJobReader:
         if self._last_answer >= armed or loop.time() - armed > 2 * hedge:
             timer.arm(loop, hedge, self._silence, group, timer)
             return
+        self._silent_since = armed
+        self._silent_generation = self.cache.breaker.generation
         for read in group:
             read.hedge(loop)
+
+    def _silent(self) -> bool:
+        """Whether Redis is silent: a call was hedged, nothing answered since, the breaker
+        has not changed state since (its late failure opens it; a probe closes it), and
+        it was at most SILENCE_SECONDS ago."""
+        since = self._silent_since
+        return (
+            since is not None
+            and self._last_answer < since
+            and self.cache.breaker.generation == self._silent_generation
+            and asyncio.get_running_loop().time() - since < SILENCE_SECONDS
+        )
 
     async def _evalsha_script(
         self, name: str, source: str, keys: list[Any], argv: tuple[Any, ...]

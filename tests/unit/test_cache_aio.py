@@ -212,6 +212,34 @@ def test_a_silent_call_hedges_every_read_in_it_and_the_late_lease_still_fills(wo
     assert sync_client.get(cache.keys.job(view.job_id)) is not None  # the lease filled
 
 
+def test_while_redis_is_silent_new_reads_do_not_wait_for_the_hedge(world):
+    """After a call is hedged, reads go to the DB at once until Redis answers again; the
+    late answer ends the silence, and reads use Redis again."""
+    cache, server, _, view, loader = world
+    object.__setattr__(cache.policy, "hedge_ms", 50)
+    asyncio.run(AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server)).get(view.job_id))
+    loader.reset_mock()
+
+    async def main():
+        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [0.4])
+        reader = AsyncJobReader(cache, client)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        first = await reader.read(view.job_id)  # hedged after 50 ms
+        started = loop.time()
+        during = await reader.read(view.job_id)
+        waited = loop.time() - started
+        await asyncio.sleep(0.5)  # the silent call answers (late): Redis is back
+        after = await reader.read(view.job_id)
+        await reader.close()
+        return first, during, waited, after
+
+    first, during, waited, after = run(main())
+    assert first.why is Why.HEDGED and during.why is Why.HEDGED
+    assert waited < 0.04, "a read during the silence waited for the hedge delay"
+    assert (after.source, after.why) == (Source.CACHE, Why.HIT)
+    assert cache.breaker.state is State.CLOSED
+
+
 def test_a_busy_redis_is_not_hedged(world):
     """A call without an answer while other calls of the reader are answered is waiting
     on a busy Redis: it is not hedged (that would only move load to the database)."""
