@@ -30,7 +30,8 @@ def sessions(sqlite_url):
 def world(sqlite_url, make_settings, sessions):
     server = fakeredis.FakeServer()
     sync_client = fakeredis.FakeRedis(server=server)
-    settings = make_settings(database_url=sqlite_url, cache_namespace="aio")
+    # fakeredis runs a batch's Lua far slower than Redis: no hedging unless a test sets it.
+    settings = make_settings(database_url=sqlite_url, cache_namespace="aio", cache_hedge_ms=0)
     cache = build_cache(settings, sessions, redis_client=sync_client)
     with sessions() as session:
         view = jobs.create_job(session=session, client_id="alice", prompt="p", scenes_total=4)
