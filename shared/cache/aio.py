@@ -10,11 +10,13 @@ worker thread; the probe runs beside the request, never inside it.
 
 Hedged read (`CachePolicy.hedge_ms`), per batch: when a Redis call has given no answer
 within the delay and no other call of this reader was answered meanwhile (a silent Redis,
-not a busy one; an event loop running late is busy too), each read of that call answers
-from the DB; the late Redis answer still settles the breaker (which waits for the full
-socket timeout) and, where it granted a lease, fills with that DB row. Until Redis
-answers again (or the breaker changes state), new reads go to the DB without waiting
-the hedge delay: only the reads of the first silent call pay it.
+not a busy one; an event loop running late is busy too), each read of that call of a
+job this reader served from the cache within the TTL answers from the DB (cold jobs are
+never hedged: their one DB read is the lease holder's); the late Redis answer still
+settles the breaker (which waits for the full socket timeout) and, where it granted a
+lease, fills with that DB row. Until Redis answers again (or the breaker changes state),
+new reads of warm jobs go to the DB without waiting the hedge delay: only the reads of
+the first silent call pay it.
 
 DB reads that only answer a request (a failed or hedged read, an open breaker; not the
 lease holder's read, which fills) share one DB read per job when they overlap, but a read
@@ -54,6 +56,7 @@ from shared.cache.machine import (
     ReadReply,
     ReadResult,
     Sleep,
+    Source,
 )
 from shared.cache.redis_url import Mode, parse_redis_url
 from shared.cache.seal import Sealer
@@ -67,6 +70,8 @@ MAX_BATCH = 64
 # After a hedge, reads skip Redis while it stays silent, for at most this long: by then
 # the silent call's socket timeout has opened the breaker, or Redis answered.
 SILENCE_SECONDS = 1.0
+# Jobs remembered as warm (served from the cache) per reader; forgotten all at once beyond.
+MAX_WARM = 100_000
 
 
 class _Silent:
@@ -82,10 +87,11 @@ class _PendingRead:
     """One read in a Redis call: what it awaits, and after a hedge, where its late
     outcome goes."""
 
-    __slots__ = ("args", "future", "late")
+    __slots__ = ("args", "future", "late", "warm")
 
-    def __init__(self, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+    def __init__(self, args: tuple[Any, ...], future: asyncio.Future[Any], warm: bool) -> None:
         self.args = args
+        self.warm = warm  # hedged only when warm (see `AsyncJobReader._warm`)
         self.future = future
         self.late: asyncio.Future[Any] | None = None
 
@@ -161,6 +167,8 @@ class AsyncJobReader:
         # breaker's generation then (`_silent`).
         self._silent_since: float | None = None
         self._silent_generation = -1
+        # Jobs served from the cache: job id -> loop time of the read (`_is_warm`).
+        self._warm: dict[int, float] = {}
         # DB reads in flight that answer requests only: job id -> (loop time begun, read).
         self._loads: dict[int, tuple[float, asyncio.Future[JobView | None]]] = {}
 
@@ -185,6 +193,10 @@ class AsyncJobReader:
                 reply = await self._perform(effect, started)
         except StopIteration as stop:
             result = stop.value
+        if result.source is Source.CACHE:
+            if len(self._warm) >= MAX_WARM:
+                self._warm.clear()
+            self._warm[job_id] = started
         if cache.flush_due():
             self._spawn(to_thread.run_sync(partial(cache.flush, wait=False)))
         assert isinstance(result, ReadResult)
@@ -209,11 +221,13 @@ class AsyncJobReader:
         return await to_thread.run_sync(cache._perform, effect)
 
     async def _read(self, effect: ReadEntry, started: float) -> ReadReply:
-        if self._silent():
+        if self._silent() and self._is_warm(effect.job_id, started):
             # A call of this reader has been silent past the hedge delay and Redis has
             # answered nothing since: this read does not queue behind it either.
             return Hedged(await self._load(effect.job_id, started))
-        outcome = await self._submit(self._script_args(effect))
+        outcome = await self._submit(
+            self._script_args(effect), warm=self._is_warm(effect.job_id, started)
+        )
         if not isinstance(outcome, _Silent):
             return await self._reply(effect.job_id, outcome)
         # Redis is silent: answer from the DB; the late answer settles the breaker.
@@ -312,7 +326,7 @@ class AsyncJobReader:
         self._retired.append(old)
         self._spawn(self._retire(old))
 
-    def _submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def _submit(self, args: tuple[Any, ...], *, warm: bool) -> asyncio.Future[Any]:
         """The READ_JOB outcome for `args` (its raw reply, or the exception it raised as a
         value), or `_Silent` when the call is hedged.
 
@@ -323,7 +337,7 @@ class AsyncJobReader:
         cache = self.cache
         if cache.breaker.outages != self._outages_seen:
             self._drop_idle_connections()
-        read = _PendingRead(args, asyncio.get_running_loop().create_future())
+        read = _PendingRead(args, asyncio.get_running_loop().create_future(), warm)
         if not self.batching:
             self._spawn(self._run_batch([read]))
             return read.future
@@ -399,7 +413,16 @@ class AsyncJobReader:
         self._silent_since = armed
         self._silent_generation = self.cache.breaker.generation
         for read in group:
-            read.hedge(loop)
+            if read.warm:
+                read.hedge(loop)
+
+    def _is_warm(self, job_id: int, now: float) -> bool:
+        """Whether this reader served the job from the cache within the last TTL: only
+        such reads are hedged. A cold job's read waits for Redis: its DB read belongs to
+        the lease holder alone (one DB read per job per lease period, even when an
+        overloaded machine keeps Redis's answer from us for longer than the hedge)."""
+        hit = self._warm.get(job_id)
+        return hit is not None and now - hit < self.cache.policy.ttl_seconds
 
     def _silent(self) -> bool:
         """Whether Redis is silent: a call was hedged, nothing answered since, the breaker

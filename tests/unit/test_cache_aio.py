@@ -142,48 +142,20 @@ def test_after_a_failure_reads_skip_redis_until_the_probe(world):
     assert job is not None
 
 
-def test_a_slow_redis_is_hedged_by_the_db_and_the_breaker_waits_for_the_timeout(world):
-    """Defect 12: after CACHE_HEDGE_MS without a Redis answer the poll is answered from
-    the DB; the late failure (the full socket timeout) still opens the breaker."""
-    cache, _, _, view, loader = world
-    object.__setattr__(cache.policy, "hedge_ms", 20)
-
-    class Slow:
-        async def evalsha(self, *args):
-            await asyncio.sleep(1.0)
-            raise TimeoutError("socket timeout")
-
-        async def aclose(self):
-            return None
-
-    async def main():
-        reader = AsyncJobReader(cache, Slow())  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        got = await reader.get(view.job_id)
-        elapsed = loop.time() - started
-        state_at_answer = cache.breaker.state
-        await asyncio.gather(*reader._background)
-        return got, elapsed, state_at_answer
-
-    got, elapsed, state_at_answer = run(main())
-    assert got is not None and got.view.version == view.version
-    assert elapsed < 0.9, "the poll waited for Redis instead of hedging"
-    assert state_at_answer is State.CLOSED, "the breaker is decided by the full timeout"
-    assert cache.breaker.state is State.OPEN
-    assert loader.call_count == 1
-    stats = cache.stats()["statistics"]
-    assert (stats["hits"], stats["misses"], stats["errors"]) == (0, 1, 1)
-
-
 class Delayed:
-    """A fakeredis client whose script calls answer after the given delays, in turn."""
+    """A fakeredis client whose script calls answer after the given delays, in turn
+    (then at once); a delay given as ("timeout", s) raises a socket timeout after s."""
 
     def __init__(self, inner, delays):
         self.inner, self.delays = inner, list(delays)
+        self.calls = 0
 
     async def evalsha(self, *args):
+        self.calls += 1
         delay = self.delays.pop(0) if self.delays else 0.0
+        if isinstance(delay, tuple):
+            await asyncio.sleep(delay[1])
+            raise TimeoutError("socket timeout")
         await asyncio.sleep(delay)
         return await self.inner.evalsha(*args)
 
@@ -191,14 +163,56 @@ class Delayed:
         return getattr(self.inner, name)
 
 
+async def warmed(cache, client, job_id):
+    """A reader that has served `job_id` from the cache (hedging applies to such jobs)."""
+    reader = AsyncJobReader(cache, client)
+    for _ in range(2):  # a fill (the first time), then a hit
+        await reader.read(job_id)
+    assert (await reader.read(job_id)).source is Source.CACHE
+    return reader
+
+
+def test_a_slow_redis_is_hedged_by_the_db_and_the_breaker_waits_for_the_timeout(world):
+    """Defect 12: after CACHE_HEDGE_MS without a Redis answer the poll is answered from
+    the DB; the late failure (the full socket timeout) still opens the breaker."""
+    cache, server, _, view, loader = world
+    object.__setattr__(cache.policy, "hedge_ms", 20)
+
+    async def main():
+        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [])
+        reader = await warmed(cache, client, view.job_id)
+        loader.reset_mock()
+        client.delays.append(("timeout", 1.0))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        got = await reader.read(view.job_id)
+        elapsed = loop.time() - started
+        state_at_answer = cache.breaker.state
+        await asyncio.gather(*reader._background)
+        return got, elapsed, state_at_answer
+
+    got, elapsed, state_at_answer = run(main())
+    assert (got.source, got.why) == (Source.DATABASE, Why.HEDGED)
+    assert got.job is not None and got.job.version == view.version
+    assert elapsed < 0.9, "the poll waited for Redis instead of hedging"
+    assert state_at_answer is State.CLOSED, "the breaker is decided by the full timeout"
+    assert cache.breaker.state is State.OPEN
+    assert loader.call_count == 1
+
+
 def test_a_silent_call_hedges_every_read_in_it_and_the_late_lease_still_fills(world):
-    """Hedging is per call: ten reads of one cold job in one silent call are all answered
-    from one DB read; the late answer (a lease) settles the breaker and fills."""
+    """Hedging is per call: ten reads of one warm job (its entry just evicted) in one
+    silent call are all answered from one DB read; the late answer (a lease) settles
+    the breaker and fills."""
     cache, server, sync_client, view, loader = world
     object.__setattr__(cache.policy, "hedge_ms", 20)
 
     async def main():
-        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.3]))  # type: ignore[arg-type]
+        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [])
+        reader = await warmed(cache, client, view.job_id)
+        loader.reset_mock()
+        sync_client.delete(cache.keys.job(view.job_id))  # evicted
+        client.delays.append(0.3)
         results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(10)))
         await asyncio.gather(*reader._background)
         await reader.close()
@@ -213,29 +227,51 @@ def test_a_silent_call_hedges_every_read_in_it_and_the_late_lease_still_fills(wo
     assert sync_client.get(cache.keys.job(view.job_id)) is not None  # the lease filled
 
 
-def test_while_redis_is_silent_new_reads_do_not_wait_for_the_hedge(world):
-    """After a call is hedged, reads go to the DB at once until Redis answers again; the
-    late answer ends the silence, and reads use Redis again."""
+def test_cold_reads_are_never_hedged(world):
+    """A job this reader has not served from the cache is not hedged, however long Redis
+    takes: its one DB read is the lease holder's (a machine too busy to read Redis's
+    answer in time must not send a stampede to the DB)."""
     cache, server, _, view, loader = world
-    object.__setattr__(cache.policy, "hedge_ms", 50)
-    asyncio.run(AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server)).get(view.job_id))
-    loader.reset_mock()
+    object.__setattr__(cache.policy, "hedge_ms", 20)
 
     async def main():
-        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [0.4])
+        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [0.2])
         reader = AsyncJobReader(cache, client)  # type: ignore[arg-type]
+        results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(30)))
+        await asyncio.gather(*reader._background)
+        await reader.close()
+        return results
+
+    results = run(main())
+    assert Why.HEDGED not in {r.why for r in results}
+    assert loader.call_count == 1
+
+
+def test_while_redis_is_silent_new_reads_do_not_wait_for_the_hedge(world):
+    """After a call is hedged, reads of warm jobs go to the DB at once until Redis
+    answers again; the late answer ends the silence, and reads use Redis again."""
+    cache, server, _, view, _ = world
+    object.__setattr__(cache.policy, "hedge_ms", 50)
+
+    async def main():
+        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [])
+        reader = await warmed(cache, client, view.job_id)
+        client.delays.append(0.4)
         loop = asyncio.get_running_loop()
         first = await reader.read(view.job_id)  # hedged after 50 ms
         started = loop.time()
+        calls = client.calls
         during = await reader.read(view.job_id)
         waited = loop.time() - started
+        skipped = client.calls == calls
         await asyncio.sleep(0.5)  # the silent call answers (late): Redis is back
         after = await reader.read(view.job_id)
         await reader.close()
-        return first, during, waited, after
+        return first, during, waited, skipped, after
 
-    first, during, waited, after = run(main())
+    first, during, waited, skipped, after = run(main())
     assert first.why is Why.HEDGED and during.why is Why.HEDGED
+    assert skipped, "a read during the silence called Redis"
     assert waited < 0.04, "a read during the silence waited for the hedge delay"
     assert (after.source, after.why) == (Source.CACHE, Why.HIT)
     assert cache.breaker.state is State.CLOSED
@@ -246,11 +282,12 @@ def test_a_busy_redis_is_not_hedged(world):
     on a busy Redis: it is not hedged (that would only move load to the database)."""
     cache, server, _, view, loader = world
     object.__setattr__(cache.policy, "hedge_ms", 20)
-    asyncio.run(AsyncJobReader(cache, fakeredis.FakeAsyncRedis(server=server)).get(view.job_id))
-    loader.reset_mock()
 
     async def main():
-        reader = AsyncJobReader(cache, Delayed(fakeredis.FakeAsyncRedis(server=server), [0.2]))  # type: ignore[arg-type]
+        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [])
+        reader = await warmed(cache, client, view.job_id)
+        loader.reset_mock()
+        client.delays.append(0.2)
         slow = asyncio.ensure_future(reader.read(view.job_id))
         for _ in range(25):  # other calls, answered at once, meanwhile
             await asyncio.sleep(0.01)
