@@ -225,6 +225,21 @@ def targets(results: dict[str, Any], figs: dict[str, float]) -> list[dict[str, A
             lambda v: v <= 0.2,
         ),
     ]
+    # Issue 12's goals for the hot poll (same run, same worker count, 64 clients).
+    rows += [
+        (
+            "hot poll: req/s (c) / (b) (issue 12 goal)",
+            ratios["cached_vs_redis_passthrough"],
+            "≥ 2.5",
+            lambda v: v >= 2.5,
+        ),
+        (
+            "hot poll: p99 (c) / p99 (b) (issue 12 goal)",
+            ratios["p99_cached_vs_redis_passthrough"],
+            "≤ 1",
+            lambda v: v <= 1,
+        ),
+    ]
     return _checks(rows) + section_targets("slowdb", figs)
 
 
