@@ -9,9 +9,8 @@ the cache's batched reads (README "Performance") over the section, from /metrics
 The endpoints take turns within each round, so drift hits them all alike; the bench
 reports medians over rounds and the ratios of each round's figures.
 
-Placement (as in issue 12's measurement): on a machine of two or more CPUs, the server
-under load runs alone on CPU 0 while wrk (one thread) and Redis share CPU 1, so the
-figures compare what each server does with one core, not how the scheduler shared two.
+Placement: with BENCH_PIN=1 (issue 12's method), the server under load runs alone on
+CPU 0 while wrk (one thread) and Redis share CPU 1; by default nothing is pinned.
 """
 
 from __future__ import annotations

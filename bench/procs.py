@@ -268,8 +268,14 @@ def group_cpu_seconds(pgid: int) -> float:
 
 
 def can_pin() -> bool:
-    """Whether the hot path can put the server on one CPU and the load on another."""
-    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+    """Whether the hot path puts the server on one CPU and the load on another: asked for
+    with BENCH_PIN=1, and possible. Off by default: on this 2-core VM, wrk and Redis
+    sharing one core slowed (c) more than (b) (README "Performance")."""
+    return (
+        os.environ.get("BENCH_PIN") == "1"
+        and hasattr(os, "sched_setaffinity")
+        and len(os.sched_getaffinity(0)) >= 2
+    )
 
 
 def pin_group(pgid: int, cpus: set[int]) -> int:

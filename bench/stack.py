@@ -37,13 +37,28 @@ _DB_QUERIES = re.compile(rb"^renderwatch_db_queries_total\s+([0-9.eE+]+)", re.M)
 class CountingConnection(redis.Connection):
     """Counts network round trips: one `send_packed_command` per command or pipeline,
     in all (`sent`) and by the thread that sent it (`sent_by`: the statistics flusher's
-    round trips are not on the path of an update)."""
+    round trips are not on the path of an update); a new connection's set-up commands
+    are counted apart (`handshakes`)."""
 
     lock = threading.Lock()
     sent = 0
     sent_by: ClassVar[dict[int, int]] = {}
 
+    handshakes = 0  # commands of a new connection's set-up (HELLO, CLIENT SETINFO, ...)
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        self._in_handshake = True
+        try:
+            super().on_connect_check_health(check_health)
+        finally:
+            self._in_handshake = False
+
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if getattr(self, "_in_handshake", False):
+            with CountingConnection.lock:
+                CountingConnection.handshakes += 1
+            super().send_packed_command(command, check_health)
+            return
         thread = threading.get_ident()
         with CountingConnection.lock:
             CountingConnection.sent += 1

@@ -6,7 +6,8 @@ list invalidation and the publish. Blocks of updates alternate; the ratio is tak
 round. Redis round trips are counted on the bench runtime's connections (one
 `send_packed_command` per command or pipeline), those the updating thread sent apart
 from the statistics flusher thread's (in the background, once a second, whatever the
-rate of updates); `INFO commandstats` gives the commands.
+rate of updates) and from a new connection's set-up (HELLO, CLIENT SETINFO: the pool's,
+not the update's); `INFO commandstats` gives the commands.
 """
 
 from __future__ import annotations
@@ -70,15 +71,17 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
         bare(*next_update())
         cached(*next_update())
     rounds: list[dict[str, float]] = []
-    trips = background = 0
+    trips = background = handshakes = 0
     calls_before = _commandstats(stack)
     for _ in range(cfg.write_rounds):
         bare_ms = block(bare)
+        handshakes_before = CountingConnection.handshakes
         sent_before, here_before = CountingConnection.sent, CountingConnection.sent_here()
         cached_ms = block(cached)
         here = CountingConnection.sent_here() - here_before
         trips += here
         background += CountingConnection.sent - sent_before - here
+        handshakes += CountingConnection.handshakes - handshakes_before
         rounds.append(
             {"bare_ms": bare_ms, "cached_ms": cached_ms, "ratio": ratio(cached_ms, bare_ms)}
         )
@@ -95,6 +98,7 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
         "ratio": median([r["ratio"] for r in rounds]),
         "redis_round_trips": trips / updates,
         "background_round_trips": background,
+        "connection_handshake_commands": handshakes,
         "redis_commands_per_update": commands,
         "rounds": rounds,
         "params": {"rounds": cfg.write_rounds, "updates_per_block": cfg.write_updates},

@@ -10,7 +10,8 @@ worker thread; the probe runs beside the request, never inside it.
 
 Hedged read (`CachePolicy.hedge_ms`), per batch: when a Redis call has given no answer
 within the delay and no other call of this reader was answered meanwhile (a silent Redis,
-not a busy one; an event loop running late is busy too), each read of that call of a
+not a busy one; an event loop running late, or more than HEDGE_MAX_IN_FLIGHT reads
+waiting, is busy too), each read of that call of a
 job this reader served from the cache within the TTL answers from the DB (cold jobs are
 never hedged: their one DB read is the lease holder's); the late Redis answer still
 settles the breaker (which waits for the full socket timeout) and, where it granted a
@@ -70,6 +71,11 @@ MAX_BATCH = 64
 # After a hedge, reads skip Redis while it stays silent, for at most this long: by then
 # the silent call's socket timeout has opened the breaker, or Redis answered.
 SILENCE_SECONDS = 1.0
+# No hedging while more reads than this wait on Redis: a burst (a stampede on an
+# evicted hot job, 200 polls at once) keeps the event loop itself from reading Redis's
+# answer in time, and hedging it would send the burst to the DB (seen: 5-11 DB reads
+# for 200 cold polls in `make bench`). A quiet outage has few reads in flight.
+HEDGE_MAX_IN_FLIGHT = 16
 # Jobs remembered as warm (served from the cache) per reader; forgotten all at once beyond.
 MAX_WARM = 100_000
 
@@ -167,6 +173,8 @@ class AsyncJobReader:
         # breaker's generation then (`_silent`).
         self._silent_since: float | None = None
         self._silent_generation = -1
+        # Reads waiting for their Redis call's answer (not hedged yet).
+        self._in_flight = 0
         # Jobs served from the cache: job id -> loop time of the read (`_is_warm`).
         self._warm: dict[int, float] = {}
         # DB reads in flight that answer requests only: job id -> (loop time begun, read).
@@ -338,6 +346,8 @@ class AsyncJobReader:
         if cache.breaker.outages != self._outages_seen:
             self._drop_idle_connections()
         read = _PendingRead(args, asyncio.get_running_loop().create_future(), warm)
+        self._in_flight += 1
+        read.future.add_done_callback(self._landed)
         if not self.batching:
             self._spawn(self._run_batch([read]))
             return read.future
@@ -346,6 +356,9 @@ class AsyncJobReader:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         return read.future
+
+    def _landed(self, _future: asyncio.Future[Any]) -> None:
+        self._in_flight -= 1
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -403,11 +416,16 @@ class AsyncJobReader:
     def _silence(self, group: list[_PendingRead], timer: _Timer) -> None:
         """The hedge delay passed without an answer to this call: hedge its reads, unless
         Redis is busy rather than silent (another call was answered meanwhile, or the
-        event loop itself ran late: hedging would only move load to the DB)."""
+        event loop itself ran late, or a burst of reads waits: hedging would only move
+        load to the DB)."""
         loop = asyncio.get_running_loop()
         hedge = self.cache.policy.hedge_ms / 1000
         armed = timer.armed_at
-        if self._last_answer >= armed or loop.time() - armed > 2 * hedge:
+        if (
+            self._last_answer >= armed
+            or loop.time() - armed > 2 * hedge
+            or self._in_flight > HEDGE_MAX_IN_FLIGHT
+        ):
             timer.arm(loop, hedge, self._silence, group, timer)
             return
         self._silent_since = armed

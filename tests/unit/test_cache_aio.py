@@ -247,6 +247,27 @@ def test_cold_reads_are_never_hedged(world):
     assert loader.call_count == 1
 
 
+def test_a_burst_is_not_hedged(world):
+    """Thirty reads of a warm job waiting on one slow call are a burst (its answer may
+    only be waiting for our own busy event loop): not hedged, one DB read at most."""
+    cache, server, sync_client, view, loader = world
+    object.__setattr__(cache.policy, "hedge_ms", 20)
+
+    async def main():
+        client = Delayed(fakeredis.FakeAsyncRedis(server=server), [])
+        reader = await warmed(cache, client, view.job_id)
+        loader.reset_mock()
+        sync_client.delete(cache.keys.job(view.job_id))  # evicted: a stampede
+        client.delays.append(0.2)
+        results = await asyncio.gather(*(reader.read(view.job_id) for _ in range(30)))
+        await reader.close()
+        return results
+
+    results = run(main())
+    assert Why.HEDGED not in {r.why for r in results}
+    assert loader.call_count == 1
+
+
 def test_while_redis_is_silent_new_reads_do_not_wait_for_the_hedge(world):
     """After a call is hedged, reads of warm jobs go to the DB at once until Redis
     answers again; the late answer ends the silence, and reads use Redis again."""
