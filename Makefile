@@ -43,7 +43,7 @@ lint: $(STAMP)
 # pytest exits 5 when it collected no test: that fails this target like any failure.
 # The slow failover runs (Redis nodes killed under load) are `make test-failover`.
 test: lint
-	$(BIN)/pytest -p no:cacheprovider -m "not failover"
+	$(BIN)/pytest -p no:cacheprovider -m "not failover" --durations=25
 
 test-failover: $(STAMP)
 	$(BIN)/pytest -p no:cacheprovider -m failover
