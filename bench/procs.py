@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -255,6 +255,14 @@ def group_cpu_seconds(pgid: int) -> float:
     it does not count the time the server waited for a core.
     """
     total = 0
+    for _, fields in _group_processes(pgid):
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
+def _group_processes(pgid: int) -> Iterator[tuple[Path, list[str]]]:
+    """(/proc/PID, the stat fields after the command name) of each live process of a
+    process group."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
@@ -263,8 +271,7 @@ def group_cpu_seconds(pgid: int) -> float:
         # Fields after the command name (which may hold spaces) start at ")".
         fields = text[text.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICKS
+            yield stat.parent, fields
 
 
 def can_pin() -> bool:
@@ -282,14 +289,8 @@ def pin_group(pgid: int, cpus: set[int]) -> int:
     """Move every thread of every process of a process group onto `cpus` (threads they
     start later inherit it); returns how many threads moved."""
     moved = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[2]) != pgid:
-            continue
-        for task in (stat.parent / "task").glob("[0-9]*"):
+    for process, _ in _group_processes(pgid):
+        for task in (process / "task").glob("[0-9]*"):
             with contextlib.suppress(OSError):  # a thread that just ended
                 os.sched_setaffinity(int(task.name), cpus)
                 moved += 1
