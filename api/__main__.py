@@ -30,7 +30,8 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Run uvicorn in factory mode: every worker process builds its own app after the fork."""
+    """Run uvicorn in factory mode: every worker process builds its own app after the fork
+    (`create_served_app`: the app, with its heap settled once started)."""
     settings = get_settings()
     level = settings.log_level.upper()
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
@@ -38,7 +39,7 @@ def main() -> None:
         # Before any worker starts: files of a previous run would be summed in.
         reset_multiprocess_dir(multiproc_dir)
     uvicorn.run(
-        "api.app:create_app",
+        "api.app:create_served_app",
         factory=True,
         host=settings.api_host,
         port=settings.api_port,

@@ -7,6 +7,7 @@ on shutdown; so forks (uvicorn workers), tests and several configurations stay s
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -46,15 +47,44 @@ def opentelemetry_wanted(environ: Mapping[str, str] = os.environ) -> bool:
     return any(name.startswith("OTEL_") for name in environ)
 
 
+# The collector's thresholds once the heap is settled (`settle_heap`): young collections
+# every 20,000 allocations instead of 700, full ones at most every 100 middle ones.
+SETTLED_GC_THRESHOLDS = (20_000, 20, 100)
+
+
+def settle_heap() -> None:
+    """Once the app has started: take everything built so far (modules, the app, its
+    services: ~130,000 objects) out of the cycle collector's sight, and collect young
+    objects less often.
+
+    Each full collection walked those objects and stopped the event loop for ~45 ms,
+    about once a second under load, because every young collection promotes the objects
+    of the requests in flight; that was a cached poll's p99 at 64 clients (48 ms against
+    a 5 ms median; README "Performance"). Frozen objects are still freed when their last
+    reference goes; only a cycle among them is never collected, and they are built once.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*SETTLED_GC_THRESHOLDS)
+
+
+def create_served_app() -> FastAPI:
+    """The app `python -m api` serves: `create_app()` that settles the heap after start-up."""
+    return create_app(settle=True)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     enqueue: Enqueue | None = None,
     redis_client: Any = None,
     subscriber: Callable[[], Any] | None = None,
+    settle: bool = False,
 ) -> FastAPI:
     """The API app; `enqueue`, `redis_client` and `subscriber` (builds the asyncio client
-    of the live-updates subscription) are seams for tests (default: from settings)."""
+    of the live-updates subscription) are seams for tests (default: from settings).
+    `settle`: call `settle_heap` once started (for a serving process, not for tests,
+    which build many apps in one process)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,6 +97,8 @@ def create_app(
         app.state.services = services
         assert services.hub is not None
         services.hub.start()
+        if settle:
+            settle_heap()
         try:
             yield
         finally:

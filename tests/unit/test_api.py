@@ -6,11 +6,13 @@ already committed (read through a separate engine), and returns a fake task id.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import patch
 
 import orjson
 import pytest
@@ -987,7 +989,7 @@ def test_python_m_api_runs_uvicorn_in_factory_mode(monkeypatch, make_settings):
     main_module.main()
 
     ((args, kwargs),) = calls
-    assert args == ("api.app:create_app",)
+    assert args == ("api.app:create_served_app",)
     assert kwargs["factory"] is True
     assert (kwargs["host"], kwargs["port"], kwargs["workers"]) == ("0.0.0.0", 8123, 3)
     assert kwargs["access_log"] is False
@@ -1023,3 +1025,41 @@ def test_fastapi_telemetry_is_off_unless_opentelemetry_is_configured(
     monkeypatch.setenv("OTEL_SERVICE_NAME", "renderwatch-api")
     traced = create_app(settings, enqueue=lambda job_id: "t")
     assert traced._telemetry["tracing"] is True
+
+
+@pytest.fixture
+def gc_state():
+    """The collector's thresholds and frozen objects, as they were before the test."""
+    thresholds = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    yield frozen
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def test_the_served_app_settles_the_heap_once_started(make_settings, sqlite_url, gc_state):
+    """`python -m api` serves `create_served_app`: once started, the objects built so far
+    are frozen (full collections no longer walk them) and young collections are rarer."""
+    from api.app import SETTLED_GC_THRESHOLDS, create_served_app
+
+    settings = make_settings(database_url=sqlite_url, redis_url="")
+    with (
+        patch("api.app.get_settings", return_value=settings),
+        patch("api.app.celery_enqueue", return_value=(lambda job_id: "t", lambda: None)),
+    ):
+        app = create_served_app()
+        with TestClient(app) as client:
+            assert client.get("/healthz").status_code == 200
+            assert gc.get_freeze_count() > gc_state
+            assert gc.get_threshold() == SETTLED_GC_THRESHOLDS
+
+
+def test_an_app_built_for_tests_leaves_the_collector_alone(
+    make_settings, sqlite_url, recorder, gc_state
+):
+    thresholds = gc.get_threshold()
+    app = create_app(make_settings(database_url=sqlite_url, redis_url=""), enqueue=recorder)
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        assert gc.get_freeze_count() == gc_state
+        assert gc.get_threshold() == thresholds
