@@ -99,7 +99,7 @@ QUICK = Config(
     poll_interval=0.02,
     poll_scenes=3,
     hot_rounds=1,
-    hot_seconds=2.0,
+    hot_seconds=1.0,
     hot_warmup_seconds=0.0,
     wrk_connections=32,
     wrk_threads=2,
@@ -121,7 +121,7 @@ QUICK = Config(
     scale_write_rate=10.0,
     sse_streams=(50, 100),
     sse_poll_clients=50,
-    sse_seconds=3.0,
+    sse_seconds=2.0,
     slowdb_rounds=1,
     outage_rounds=1,
 )
