@@ -66,6 +66,11 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*SETTLED_GC_THRESHOLDS)
+    logger.info(
+        "heap settled: %d objects frozen, collector thresholds %s",
+        gc.get_freeze_count(),
+        SETTLED_GC_THRESHOLDS,
+    )
 
 
 def create_served_app() -> FastAPI:

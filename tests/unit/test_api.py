@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -1037,10 +1038,12 @@ def gc_state():
     gc.set_threshold(*thresholds)
 
 
-def test_the_served_app_settles_the_heap_once_started(make_settings, sqlite_url, gc_state):
+def test_the_served_app_settles_the_heap_once_started(make_settings, sqlite_url, gc_state, caplog):
     """`python -m api` serves `create_served_app`: once started, the objects built so far
     are frozen (full collections no longer walk them) and young collections are rarer."""
     from api.app import SETTLED_GC_THRESHOLDS, create_served_app
+
+    caplog.set_level(logging.INFO, logger="api.app")
 
     settings = make_settings(database_url=sqlite_url, redis_url="")
     with (
@@ -1052,6 +1055,7 @@ def test_the_served_app_settles_the_heap_once_started(make_settings, sqlite_url,
             assert client.get("/healthz").status_code == 200
             assert gc.get_freeze_count() > gc_state
             assert gc.get_threshold() == SETTLED_GC_THRESHOLDS
+    assert re.search(r"heap settled: \d+ objects frozen", caplog.text)
 
 
 def test_an_app_built_for_tests_leaves_the_collector_alone(
