@@ -13,7 +13,6 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
-from unittest.mock import patch
 
 import orjson
 import pytest
@@ -1028,17 +1027,24 @@ def test_fastapi_telemetry_is_off_unless_opentelemetry_is_configured(
     assert traced._telemetry["tracing"] is True
 
 
+@dataclass(frozen=True)
+class GcState:
+    frozen: int
+    thresholds: tuple[int, int, int]
+
+
 @pytest.fixture
 def gc_state():
-    """The collector's thresholds and frozen objects, as they were before the test."""
-    thresholds = gc.get_threshold()
-    frozen = gc.get_freeze_count()
-    yield frozen
+    """The collector's frozen objects and thresholds before the test, restored after it."""
+    before = GcState(gc.get_freeze_count(), gc.get_threshold())
+    yield before
     gc.unfreeze()
-    gc.set_threshold(*thresholds)
+    gc.set_threshold(*before.thresholds)
 
 
-def test_the_served_app_settles_the_heap_once_started(make_settings, sqlite_url, gc_state, caplog):
+def test_the_served_app_settles_the_heap_once_started(
+    make_settings, sqlite_url, gc_state, caplog, monkeypatch
+):
     """`python -m api` serves `create_served_app`: once started, the objects built so far
     are frozen (full collections no longer walk them) and young collections are rarer."""
     from api.app import SETTLED_GC_THRESHOLDS, create_served_app
@@ -1046,24 +1052,20 @@ def test_the_served_app_settles_the_heap_once_started(make_settings, sqlite_url,
     caplog.set_level(logging.INFO, logger="api.app")
 
     settings = make_settings(database_url=sqlite_url, redis_url="")
-    with (
-        patch("api.app.get_settings", return_value=settings),
-        patch("api.app.celery_enqueue", return_value=(lambda job_id: "t", lambda: None)),
-    ):
-        app = create_served_app()
-        with TestClient(app) as client:
-            assert client.get("/healthz").status_code == 200
-            assert gc.get_freeze_count() > gc_state
-            assert gc.get_threshold() == SETTLED_GC_THRESHOLDS
+    monkeypatch.setattr("api.app.get_settings", lambda: settings)
+    monkeypatch.setattr("api.app.celery_enqueue", lambda _: (lambda job_id: "t", lambda: None))
+    with TestClient(create_served_app()) as client:
+        assert client.get("/healthz").status_code == 200
+        assert gc.get_freeze_count() > gc_state.frozen
+        assert gc.get_threshold() == SETTLED_GC_THRESHOLDS
     assert re.search(r"heap settled: \d+ objects frozen", caplog.text)
 
 
 def test_an_app_built_for_tests_leaves_the_collector_alone(
     make_settings, sqlite_url, recorder, gc_state
 ):
-    thresholds = gc.get_threshold()
     app = create_app(make_settings(database_url=sqlite_url, redis_url=""), enqueue=recorder)
     with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
-        assert gc.get_freeze_count() == gc_state
-        assert gc.get_threshold() == thresholds
+        assert gc.get_freeze_count() == gc_state.frozen
+        assert gc.get_threshold() == gc_state.thresholds
